@@ -1,0 +1,1 @@
+"""One module per simulated instrument; each defines a :class:`~hardware_mocks.server.Simulator`."""

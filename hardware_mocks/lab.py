@@ -1,0 +1,195 @@
+"""A whole simulated lab: one world, every instrument, served over pty or TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+from types import TracebackType
+from typing import Any, Literal
+
+from hardware_mocks.clock import SimClock
+from hardware_mocks.config import SIMULATORS, ConfigError, LabConfig, load_lab_config
+from hardware_mocks.server import Endpoint, Simulator, serve_pty, serve_tcp
+from hardware_mocks.world import LabWorld, Reagent
+
+Transport = Literal["pty", "tcp"]
+
+
+def simulator_class(kind: str) -> type[Simulator]:
+    module, _, cls = SIMULATORS[kind].partition(":")
+    sim_cls: type[Simulator] = getattr(importlib.import_module(module), cls)
+    return sim_cls
+
+
+class SimulatedLab:
+    """Build the world and simulators of a :class:`LabConfig`; start/stop their servers.
+
+    >>> async with SimulatedLab(load_lab_config()) as lab:   # doctest: +SKIP
+    ...     url = lab.urls["balance"]
+    """
+
+    def __init__(self, config: LabConfig | None = None, *, speed: float | None = None) -> None:
+        self.config = config or load_lab_config()
+        self.clock = SimClock(speed if speed is not None else self.config.speed)
+        reagents = {
+            r.name: Reagent(r.name, dict(r.solvent_fractions), r.salt_molality, r.density_g_ml)
+            for r in self.config.reagents
+        }
+        self.world = LabWorld(
+            self.clock,
+            self.config.load_electrolyte_model(),
+            reagents=reagents,
+            rack_slots=self.config.rack_slots,
+            ambient_c=self.config.ambient_c,
+            seed=self.config.seed,
+        )
+        self.simulators: dict[str, Simulator] = {}
+        for i, inst in enumerate(self.config.instruments):
+            cls = simulator_class(inst.kind)
+            params = inspect.signature(cls.__init__).parameters
+            unknown = sorted(set(inst.options) - set(params) - {"self", "name", "world"})
+            if unknown:
+                allowed = sorted(set(params) - {"self", "name", "world", "seed"})
+                raise ConfigError(
+                    f"instruments[{i}] ({inst.name!r}, kind {inst.kind!r}): unknown option(s) "
+                    f"{unknown}; allowed: {allowed}"
+                )
+            try:
+                self.simulators[inst.name] = cls(
+                    inst.name, self.world, seed=self.config.seed + i, **inst.options
+                )
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"instruments[{i}] ({inst.name!r}): {exc}") from exc
+        self.endpoints: dict[str, Endpoint] = {}
+
+    async def start(self, transport: Transport | None = None) -> dict[str, Endpoint]:
+        transport = transport or self.config.transport
+        for name, sim in self.simulators.items():
+            if transport == "tcp":
+                self.endpoints[name] = await serve_tcp(sim)
+            else:
+                self.endpoints[name] = await serve_pty(sim)
+        return self.endpoints
+
+    async def stop(self) -> None:
+        for ep in self.endpoints.values():
+            await ep.close()
+        self.endpoints.clear()
+
+    @property
+    def urls(self) -> dict[str, str]:
+        return {name: ep.url for name, ep in self.endpoints.items()}
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One contract-1 record per instrument."""
+        return [
+            {"name": name, "kind": ep.simulator.kind, "protocol": ep.simulator.protocol, "url": ep.url}
+            for name, ep in self.endpoints.items()
+        ]
+
+    async def __aenter__(self) -> SimulatedLab:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # -- control (fault injection, ground truth) -------------------------------------
+    def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Execute one control request; used by the control port and by tests."""
+        op = request.get("op")
+        if op == "state":
+            return {"ok": True, "state": self.world.snapshot()}
+        if op == "list":
+            return {"ok": True, "instruments": self.describe()}
+        if op in ("inject", "clear"):
+            name = request.get("instrument")
+            sim = self.simulators.get(str(name))
+            if sim is None:
+                return {"ok": False, "error": f"instrument: unknown {name!r}"}
+            if op == "clear":
+                sim.faults.clear()
+                return {"ok": True}
+            try:
+                sim.faults.inject(
+                    request.get("fault", ""),
+                    count=request.get("count", 1),
+                    delay_s=float(request.get("delay_s", 2.0)),
+                )
+            except (ValueError, TypeError) as exc:
+                return {"ok": False, "error": f"fault: {exc}"}
+            return {"ok": True}
+        return {"ok": False, "error": f"op: unknown {op!r}; use state|list|inject|clear"}
+
+    def control_line(self, line: bytes) -> bytes:
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError("request must be a JSON object")
+        except ValueError as exc:
+            return json.dumps({"ok": False, "error": f"request: {exc}"}).encode() + b"\n"
+        return json.dumps(self.control(req), default=str).encode() + b"\n"
+
+
+class LabThread:
+    """Run a :class:`SimulatedLab` on its own event loop in a background thread.
+
+    Clients (a RunEngine, pyvisa, nesp-lib) then talk to it exactly as to a
+    separate process, through its ptys or sockets::
+
+        with LabThread(config, transport="pty", speed=100) as lab:
+            Balance(lab.urls["balance"])
+    """
+
+    def __init__(
+        self,
+        config: LabConfig | None = None,
+        *,
+        transport: Transport = "tcp",
+        speed: float | None = None,
+    ) -> None:
+        import threading
+
+        self._threading = threading
+        self.transport: Transport = transport
+        self.lab = SimulatedLab(config, speed=speed)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="simulated-lab", daemon=True)
+
+    @property
+    def world(self) -> LabWorld:
+        return self.lab.world
+
+    @property
+    def urls(self) -> dict[str, str]:
+        return self.lab.urls
+
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` on the lab's loop thread (thread-safe access to the world)."""
+        async def run() -> Any:
+            return fn(*args, **kwargs)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+    def start(self) -> LabThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.lab.start(self.transport), self.loop).result(30)
+        return self
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self.lab.stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+    def __enter__(self) -> LabThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""Physics the simulators measure: materials, electrolyte conductivity, cells."""

@@ -1,0 +1,50 @@
+"""Shared fixtures: a simulated lab in a background thread, a RunEngine, helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from bluesky import RunEngine
+from bluesky.run_engine import call_in_bluesky_event_loop
+
+from hardware_mocks.config import LabConfig, load_lab_config
+from hardware_mocks.lab import LabThread
+
+
+def lab_config(*kinds: str, **overrides: Any) -> LabConfig:
+    """The default lab, restricted to instruments of ``kinds`` (all when empty)."""
+    cfg = load_lab_config()
+    if kinds:
+        cfg.instruments = [i for i in cfg.instruments if i.kind in kinds]
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture
+def RE() -> Iterator[RunEngine]:
+    engine = RunEngine(call_returns_result=True)
+    yield engine
+    if engine.state != "idle":
+        engine.halt()
+
+
+@pytest.fixture
+def call(RE: RunEngine) -> Callable[..., Any]:
+    """Run a coroutine on the RunEngine's loop (where devices live) and return its result."""
+
+    def run(coro: Any, timeout: float | None = 60.0) -> Any:
+        return call_in_bluesky_event_loop(coro, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(params=["pty", "tcp"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def start_lab(*kinds: str, transport: str = "tcp", speed: float = 50.0, **overrides: Any) -> LabThread:
+    return LabThread(lab_config(*kinds, **overrides), transport=transport, speed=speed).start()  # type: ignore[arg-type]
