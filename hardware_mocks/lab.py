@@ -85,7 +85,12 @@ class SimulatedLab:
     def describe(self) -> list[dict[str, Any]]:
         """One contract-1 record per instrument."""
         return [
-            {"name": name, "kind": ep.simulator.kind, "protocol": ep.simulator.protocol, "url": ep.url}
+            {
+                "name": name,
+                "kind": ep.simulator.kind,
+                "protocol": ep.simulator.protocol,
+                "url": ep.url,
+            }
             for name, ep in self.endpoints.items()
         ]
 
@@ -158,7 +163,9 @@ class LabThread:
         self.transport: Transport = transport
         self.lab = SimulatedLab(config, speed=speed)
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="simulated-lab", daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="simulated-lab", daemon=True
+        )
 
     @property
     def world(self) -> LabWorld:
@@ -170,6 +177,7 @@ class LabThread:
 
     def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn`` on the lab's loop thread (thread-safe access to the world)."""
+
         async def run() -> Any:
             return fn(*args, **kwargs)
 

@@ -108,7 +108,7 @@ class Simulator(abc.ABC):
                 await asyncio.sleep(armed.delay_s)
             return reply, False
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, most simulators need nothing
         """Release background tasks; called when the lab stops."""
 
 

@@ -211,7 +211,9 @@ class LabWorld:
         now = self.clock.now()
         dt = max(0.0, now - vial.updated_at)
         env = self.environment_c(vial.station) if vial.station != "gripper" else self.ambient_c
-        vial.temperature_c = env + (vial.temperature_c - env) * math.exp(-dt / self.vial_thermal_tau_s)
+        vial.temperature_c = env + (vial.temperature_c - env) * math.exp(
+            -dt / self.vial_thermal_tau_s
+        )
         self.evaporate(vial, dt)
         vial.updated_at = now
         return vial.temperature_c

@@ -46,5 +46,7 @@ def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def start_lab(*kinds: str, transport: str = "tcp", speed: float = 50.0, **overrides: Any) -> LabThread:
+def start_lab(
+    *kinds: str, transport: str = "tcp", speed: float = 50.0, **overrides: Any
+) -> LabThread:
     return LabThread(lab_config(*kinds, **overrides), transport=transport, speed=speed).start()  # type: ignore[arg-type]

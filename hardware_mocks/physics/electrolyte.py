@@ -92,7 +92,7 @@ def blend_dielectric(fractions: Mapping[str, float]) -> float:
 
 def free_ion_fraction(dielectric: float) -> float:
     """Fraction of dissociated salt at a given dielectric constant (0..1)."""
-    return 1.0 / (1.0 + (DISSOCIATION_EPS0 / dielectric) ** DISSOCIATION_N)
+    return 1.0 / (1.0 + float((DISSOCIATION_EPS0 / dielectric) ** DISSOCIATION_N))
 
 
 def landesfeind_blend(
@@ -107,10 +107,10 @@ def landesfeind_blend(
     eta_ref = blend_viscosity(REFERENCE_FRACTIONS, temperature_c)
     eps = blend_dielectric(fractions)
     eps_ref = blend_dielectric(REFERENCE_FRACTIONS)
-    viscosity_factor = (eta_ref / eta) ** WALDEN_EXPONENT
+    viscosity_factor = float((eta_ref / eta) ** WALDEN_EXPONENT)
     dissociation_factor = free_ion_fraction(eps) / free_ion_fraction(eps_ref)
     # Shift where the curve peaks; scale so the low-concentration slope stays physical.
-    s = (eta_ref / eta) ** PEAK_SHIFT_EXPONENT * (dissociation_factor**0.5)
+    s = float((eta_ref / eta) ** PEAK_SHIFT_EXPONENT) * math.sqrt(dissociation_factor)
     kappa_ref = landesfeind_2019(salt_molality / s, temperature_c + 273.15) * s
     return kappa_ref * viscosity_factor * dissociation_factor
 

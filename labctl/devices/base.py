@@ -23,7 +23,6 @@ from ophyd_async.core import (
 from labctl.devices.errors import InstrumentError
 from labctl.devices.transport import ReplyComplete, SerialTransport
 
-
 T = TypeVar("T")
 
 
@@ -35,7 +34,7 @@ class SerialConnector(DeviceConnector):
         self.identify = identify
         self.mock = False
 
-    async def connect_mock(self, device: Device, mock: DeviceMock) -> None:  # type: ignore[type-arg]
+    async def connect_mock(self, device: Device, mock: DeviceMock[Any]) -> None:
         self.mock = True
         await super().connect_mock(device, mock)
 
@@ -123,8 +122,11 @@ class Action(Device):
         self.mock_calls = 0
         super().__init__(name=name)
 
-    async def connect(  # type: ignore[override]
-        self, mock: bool | DeviceMock = False, timeout: float = 10.0, force_reconnect: bool = False
+    async def connect(
+        self,
+        mock: bool | DeviceMock[Any] = False,
+        timeout: float = 10.0,
+        force_reconnect: bool = False,
     ) -> None:
         self._mock_mode = bool(mock)
 

@@ -10,6 +10,7 @@ protocol: the codec tells it when a reply is complete.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,7 +57,9 @@ class SerialTransport:
             )
         except (serial.SerialException, OSError, ValueError) as exc:
             self._port = None
-            raise ConnectionLostError(f"cannot open {self.url}: {exc}", instrument=self.name) from exc
+            raise ConnectionLostError(
+                f"cannot open {self.url}: {exc}", instrument=self.name
+            ) from exc
 
     async def open(self) -> None:
         async with self._lock:
@@ -113,10 +116,8 @@ class SerialTransport:
         except (serial.SerialException, OSError) as exc:
             # The port is gone (pty hung up, socket closed): drop it; the next call reopens.
             self._port = None
-            try:
+            with contextlib.suppress(Exception):  # already broken: closing is best effort
                 port.close()
-            except Exception:  # noqa: BLE001 - already broken, closing is best effort
-                pass
             raise ConnectionLostError(
                 f"connection lost: {exc}", instrument=self.name, command=payload
             ) from exc

@@ -116,6 +116,7 @@ def test_late_reply_is_not_taken_for_the_next_answer(
         call(balance.measure(immediate=True))
     # The late "S S ..." arrives during the next exchange's drain, not as its reply.
     lab.call(lab.world.dispense, "DMC", 1.0)
+
     async def zero() -> None:
         await balance.zero.trigger()
 

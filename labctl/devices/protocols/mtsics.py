@@ -62,7 +62,16 @@ def reply_complete(buf: bytes) -> bool:
     return buf.endswith(TERMINATOR)
 
 
-_REPLY_ID = {"S": b"S", "SI": b"S", "Z": b"Z", "T": b"T", "TA": b"TA", "TAC": b"TAC", "I4": b"I4", "@": b"I4"}
+_REPLY_ID = {
+    "S": b"S",
+    "SI": b"S",
+    "Z": b"Z",
+    "T": b"T",
+    "TA": b"TA",
+    "TAC": b"TAC",
+    "I4": b"I4",
+    "@": b"I4",
+}
 _WELL_FORMED = re.compile(rb"^(S|Z|T|TA|TAC|I4|SI) ")
 
 

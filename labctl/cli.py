@@ -1,0 +1,64 @@
+"""The `labctl` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
+)
+mocks = typer.Typer(no_args_is_help=True, help="Simulated instruments (hardware_mocks).")
+app.add_typer(mocks, name="mocks")
+
+TransportOpt = Literal["pty", "tcp"]
+
+
+@mocks.command("serve")
+def mocks_serve(
+    config: Annotated[
+        Path | None, typer.Option(help="Lab TOML (default: the lab shipped with the package).")
+    ] = None,
+    transport: Annotated[
+        str | None, typer.Option(help="pty or tcp (default: the config's, tcp).")
+    ] = None,
+    speed: Annotated[
+        float | None, typer.Option(help="Time acceleration (default: the config's).")
+    ] = None,
+) -> None:
+    """Start every instrument of the lab; print one JSON line per instrument; run until SIGINT."""
+    # The one sanctioned door from labctl into the simulators (import-linter allows it).
+    from hardware_mocks.config import ConfigError
+    from hardware_mocks.serve import main as serve_main
+
+    if transport not in (None, "pty", "tcp"):
+        raise typer.BadParameter(f"transport must be pty or tcp, got {transport!r}")
+    try:
+        serve_main(str(config) if config else None, transport, speed)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("demo")
+def demo(
+    speed: Annotated[float, typer.Option(help="Time acceleration of the simulated lab.")] = 200.0,
+    lab_config: Annotated[Path | None, typer.Option(help="Lab TOML for the simulators.")] = None,
+    transport: Annotated[str, typer.Option(help="pty or tcp.")] = "pty",
+) -> None:
+    """Start the simulated lab, dose one electrolyte gravimetrically, measure its conductivity."""
+    from labctl.demo import run_demo
+
+    raise typer.Exit(run_demo(speed=speed, lab_config=lab_config, transport=transport))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
