@@ -28,7 +28,7 @@ def RE() -> Iterator[RunEngine]:
     engine = RunEngine(call_returns_result=True)
     yield engine
     if engine.state != "idle":
-        engine.halt()
+        engine.halt()  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture

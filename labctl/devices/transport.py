@@ -21,6 +21,17 @@ from labctl.devices.errors import ConnectionLostError, DeviceTimeoutError
 
 ReplyComplete = Callable[[bytes], bool]
 
+try:  # POSIX: a hung-up pty makes pyserial's flush raise termios.error (EIO)
+    import termios
+
+    _PORT_ERRORS: tuple[type[BaseException], ...] = (
+        serial.SerialException,
+        OSError,
+        termios.error,
+    )
+except ImportError:  # pragma: no cover - Windows
+    _PORT_ERRORS = (serial.SerialException, OSError)
+
 
 def ends_with(terminator: bytes) -> ReplyComplete:
     """A completeness test for replies that end with ``terminator``."""
@@ -113,7 +124,7 @@ class SerialTransport:
                     )
         except DeviceTimeoutError:
             raise  # (a TimeoutError, hence an OSError: not a lost connection)
-        except (serial.SerialException, OSError) as exc:
+        except _PORT_ERRORS as exc:
             # The port is gone (pty hung up, socket closed): drop it; the next call reopens.
             self._port = None
             with contextlib.suppress(Exception):  # already broken: closing is best effort
