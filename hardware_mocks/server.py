@@ -233,10 +233,12 @@ class _Pty:
             except BlockingIOError:
                 await asyncio.sleep(0.001)
 
-    def _hang_up(self) -> None:
+    def _hang_up(self, master: int | None = None, slave: int | None = None) -> None:
+        master = self.master if master is None else master
+        slave = self.slave if slave is None else slave
         with contextlib.suppress(Exception):
-            self.loop.remove_reader(self.master)
-        for fd in (self.master, self.slave):
+            self.loop.remove_reader(master)
+        for fd in (master, slave):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -246,8 +248,11 @@ class _Pty:
             if self.closed:
                 return
             if dropped:
-                self._hang_up()
+                # Re-point the link at a fresh pty first, then hang up the old one, so
+                # a client reopening the path at once never finds a dead link.
+                old = (self.master, self.slave)
                 self.open()
+                self._hang_up(*old)
 
     async def close(self) -> None:
         self.closed = True
