@@ -32,11 +32,15 @@ class Reagent(BaseModel):
 
 
 def default_reagents() -> dict[str, Reagent]:
-    """The reagents of the default lab: five solvents and a 2.5 mol/kg LiPF6 stock in each."""
+    """The reagents of the default lab: five solvents and a 2.5 mol/kg LiPF6 stock in each.
+
+    The order is the pumps' network address order (0..9) on the default lab.
+    """
     density = {"EC": 1.321, "PC": 1.200, "EMC": 1.006, "DMC": 1.063, "DEC": 0.969}
     out: dict[str, Reagent] = {}
     for s in SOLVENTS:
         out[s] = Reagent(name=s, solvent_fractions={s: 1.0}, density_g_ml=density[s])
+    for s in SOLVENTS:
         out[f"LiPF6-{s}"] = Reagent(
             name=f"LiPF6-{s}",
             solvent_fractions={s: 1.0},

@@ -16,7 +16,7 @@ from labctl.devices.errors import CommandRejectedError, ProtocolError
 TERMINATOR = b"\n"
 _HEADER = re.compile(r"^\*?[A-Za-z][A-Za-z0-9]*(:[A-Za-z][A-Za-z0-9]*)*\??$")
 _NUMBER = re.compile(rb"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-_ERROR = re.compile(rb'^([+-]?\d+),"([^"]*)"$')
+_ERROR = re.compile(rb'^([+-]?\d{1,9}),"([^"]*)"$')
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def _arg(value: object) -> str:
 
 def encode(header: str, *args: object) -> bytes:
     """``encode("SOUR:TEMP", 25.0)`` -> ``b"SOUR:TEMP 25\\n"``."""
-    if not _HEADER.match(header):
+    if not _HEADER.fullmatch(header):
         raise ValueError(f"header: not a SCPI header: {header!r}")
     body = header + (" " + ",".join(_arg(a) for a in args) if args else "")
     return body.encode("ascii") + TERMINATOR
@@ -96,8 +96,8 @@ def decode_floats(raw: bytes, count: int | None = None) -> list[float]:
 
 def decode_int(raw: bytes) -> int:
     body = _text(raw).strip()
-    if not re.fullmatch(rb"[+-]?\d+", body):
-        raise ProtocolError("expected an integer", raw=raw)
+    if not re.fullmatch(rb"[+-]?\d{1,18}", body):
+        raise ProtocolError("expected an integer (at most 18 digits)", raw=raw)
     return int(body)
 
 
@@ -130,7 +130,7 @@ def decode_identity(raw: bytes) -> Identity:
 
 def decode_error(raw: bytes) -> ScpiError:
     """``SYST:ERR?`` -> code and message (code 0 = no error)."""
-    m = _ERROR.match(_text(raw).strip())
+    m = _ERROR.fullmatch(_text(raw).strip())
     if not m:
         raise ProtocolError('SYST:ERR? must answer <code>,"<message>"', raw=raw)
     return ScpiError(int(m.group(1)), m.group(2).decode("ascii", errors="replace"))
