@@ -243,6 +243,8 @@ class LabWorld:
                 "salt_molality": molality,
                 "temperature_c": self.advance_temperature(v),
                 "mixed": v.mixed,
+                # What an ideal meter would read now (ground truth for demos/tests).
+                "conductivity_mS_cm": self.conductivity(v) if fractions else 0.0,
             }
         out["vials"] = vials
         return out

@@ -83,6 +83,9 @@ def test_serve_lists_every_instrument_and_stops_on_sigterm(transport: str) -> No
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
     if transport == "pty":
         assert not any(os.path.exists(str(r["url"])) for r in records)
 

@@ -1,0 +1,372 @@
+"""Multichannel battery cycler over SCPI (Keysight BT2200 family: BT2202A/BT2203A).
+
+``BatteryCycler(url)`` holds a :class:`~ophyd_async.core.DeviceVector` ``channels`` of
+:class:`CyclerChannel` (keys 1..n). On connect the device identifies the instrument
+(``*IDN?``), clears its error queue and defines one cell per channel (cell ``1001`` on
+channel ``101``, ...). Each channel is
+
+* **Readable/Triggerable**: ``trigger()`` reads the cell's status, capacity and
+  temperature in one round trip; ``read()`` then gives ``voltage`` (V), ``current``
+  (A, **positive = discharge**; the BT2200 reports charge as positive and the codec
+  converts), ``capacity_ah`` (charge moved in the present/last step), ``temperature``
+  (degC), ``step`` (1-based, 0 before any run), ``state`` (``IDLE``/``RUNNING``) and
+  ``result`` (``NONE``/``OK``/``FAIL``/``ABORTED``).
+* **Movable-like**: ``run_sequence(steps)`` (also ``set(steps)``, so ``bps.abs_set`` works)
+  defines the steps as the channel's own sequence, enables and initiates it, and returns
+  a ``WatchableAsyncStatus`` that reports the step number as progress and completes when
+  the instrument says the sequence has ended: successfully (result ``OK``), or failed
+  with :class:`SequenceFailedError` (a ``FAIL`` test fired) or
+  :class:`SequenceAbortedError` (``stop()``).
+* **Stoppable**: ``stop()`` sends ``CELL:ABORt`` for the channel: its output turns off.
+* ``fetch_log()`` returns the data-log rows recorded since the previous call (for
+  streaming to a database or a BMS).
+
+Setters are sent as ``<setter>;:SYST:ERR?`` so every command is confirmed; a rejected one
+raises :class:`~labctl.devices.errors.CommandRejectedError` with the SCPI code (e.g.
+``-222`` for a current above the channel rating or a voltage limit outside 2.0..4.5 V).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import termios
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from ophyd_async.core import (
+    AsyncStatus,
+    DeviceVector,
+    StandardReadable,
+    StandardReadableFormat,
+    WatchableAsyncStatus,
+    WatcherUpdate,
+    soft_signal_r_and_setter,
+)
+
+from labctl.devices.base import SerialInstrument
+from labctl.devices.errors import (
+    ConnectionLostError,
+    DeviceTimeoutError,
+    InstrumentBusyError,
+    InstrumentError,
+    ProtocolError,
+)
+from labctl.devices.protocols import bt2200, scpi
+from labctl.devices.protocols.bt2200 import CellStatus, EndTest, LogRow, Step
+from labctl.devices.transport import ReplyComplete
+
+__all__ = [
+    "BatteryCycler",
+    "CellStatus",
+    "CyclerChannel",
+    "EndTest",
+    "LogRow",
+    "SequenceAbortedError",
+    "SequenceError",
+    "SequenceFailedError",
+    "Step",
+]
+
+T = TypeVar("T")
+_STATUS_SHAPE = bt2200.expect("verbose", "numbers", "numbers")
+
+# Poll errors that say nothing about the sequence itself: retry them a few times.
+_TRANSIENT = (ProtocolError, DeviceTimeoutError, ConnectionLostError, InstrumentBusyError)
+
+
+class SequenceError(InstrumentError):
+    """A sequence did not complete successfully."""
+
+    def __init__(self, message: str, *, status: CellStatus, instrument: str = "") -> None:
+        super().__init__(message, instrument=instrument)
+        self.status = status
+
+
+class SequenceFailedError(SequenceError):
+    """A step test with action FAIL ended the sequence (``status`` says which)."""
+
+
+class SequenceAbortedError(SequenceError):
+    """The sequence was aborted (``stop()`` or another client's ``CELL:ABORt``)."""
+
+
+Ask = Callable[[bytes, "re.Pattern[bytes] | None"], Awaitable[bytes]]
+Send = Callable[[bytes], Awaitable[None]]
+
+
+class CyclerChannel(StandardReadable):
+    """One cycler channel (and the cell on it); created by :class:`BatteryCycler`."""
+
+    def __init__(
+        self,
+        index: int,
+        ask: Ask,
+        send: Send,
+        is_mock: Callable[[], bool],
+        *,
+        poll_period: float = 0.5,
+        max_poll_errors: int = 3,
+        name: str = "",
+    ) -> None:
+        self.index = index
+        self.cell = bt2200.cell_id(index)
+        self.channel = bt2200.channel_number(index)
+        self.sequence_id = index  # each channel runs its own sequence number
+        self.poll_period = poll_period
+        self.max_poll_errors = max_poll_errors
+        # Plain callables (not Devices): ophyd-async would adopt a Device attribute as a child.
+        self._ask = ask
+        self._send = send
+        self._is_mock = is_mock
+        with self.add_children_as_readables():
+            self.voltage, self._set_voltage = soft_signal_r_and_setter(
+                float, units="V", precision=5
+            )
+            self.current, self._set_current = soft_signal_r_and_setter(
+                float, units="A", precision=5
+            )
+            self.capacity_ah, self._set_capacity = soft_signal_r_and_setter(
+                float, units="Ah", precision=6
+            )
+            self.temperature, self._set_temperature = soft_signal_r_and_setter(
+                float, units="degC", precision=2
+            )
+            self.step, self._set_step = soft_signal_r_and_setter(int)
+            self.state, self._set_state = soft_signal_r_and_setter(str, "IDLE")
+            self.result, self._set_result = soft_signal_r_and_setter(str, "NONE")
+        with self.add_children_as_readables(StandardReadableFormat.CONFIG_SIGNAL):
+            self.cell_id, _ = soft_signal_r_and_setter(int, self.cell)
+        super().__init__(name=name)
+
+    # -- reading ----------------------------------------------------------------------------
+    def _decoded(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except InstrumentError as exc:
+            exc.instrument = exc.instrument or self.name
+            raise
+
+    async def status(self) -> CellStatus:
+        """One round trip: verbose status, step capacity and temperature; updates signals."""
+        query = bt2200.compound(
+            bt2200.encode_verbose(self.cell),
+            bt2200.encode_measure("capacity_ah", [self.cell]),
+            bt2200.encode_measure("temperature", [self.cell]),
+        )
+        raw = await self._ask(query, _STATUS_SHAPE)
+        try:
+            verbose, cap, temp = bt2200.split_compound(raw, 3)
+            st = bt2200.decode_verbose(verbose)
+            (capacity,) = bt2200.decode_values(cap, 1)
+            (temperature,) = bt2200.decode_values(temp, 1)
+        except InstrumentError as exc:
+            exc.command, exc.raw = query, raw  # report the whole exchange, not a fragment
+            exc.instrument = exc.instrument or self.name
+            raise
+        self._set_voltage(st.voltage_v)
+        self._set_current(st.current_a)
+        self._set_capacity(capacity)
+        self._set_temperature(temperature)
+        self._set_step(st.step)
+        self._set_state(st.state)
+        self._set_result(st.result)
+        return st
+
+    @AsyncStatus.wrap
+    async def trigger(self) -> None:
+        if self._is_mock():
+            return
+        await self.status()
+
+    async def measure_voltage(self) -> float:
+        """``MEAS:CELL:VOLT?`` for this cell."""
+        raw = await self._ask(bt2200.encode_measure("voltage", [self.cell]), bt2200.EXPECT_NUMBERS)
+        return self._decoded(lambda: bt2200.decode_values(raw, 1)[0])
+
+    async def fetch_log(self, max_rows: int = 1000) -> list[LogRow]:
+        """Every data-log row recorded since the previous call (oldest first)."""
+        if self._is_mock():
+            return []
+        rows: list[LogRow] = []
+        while True:
+            raw = await self._ask(bt2200.encode_log(self.cell, max_rows), bt2200.EXPECT_NUMBERS)
+            batch = self._decoded(functools.partial(bt2200.decode_log, raw))
+            rows.extend(batch)
+            if len(batch) < max_rows:
+                return rows
+
+    # -- running ----------------------------------------------------------------------------
+    def run_sequence(self, steps: Sequence[Step]) -> WatchableAsyncStatus[int]:
+        """Run ``steps`` on this channel; the status reports the step number as progress."""
+        steps = tuple(steps)
+        commands = bt2200.encode_sequence(self.sequence_id, steps)  # validates before I/O
+        return WatchableAsyncStatus(self._run(steps, commands), name=self.name)
+
+    def set(self, value: Sequence[Step]) -> WatchableAsyncStatus[int]:
+        """``bps.abs_set(channel, steps, wait=True)``: same as :meth:`run_sequence`."""
+        return self.run_sequence(value)
+
+    async def _run(
+        self, steps: tuple[Step, ...], commands: list[bytes]
+    ) -> AsyncIterator[WatcherUpdate[int]]:
+        n = len(steps)
+
+        def update(step: int) -> WatcherUpdate[int]:
+            return WatcherUpdate(
+                current=step, initial=0, target=n, name=self.name, unit="step", fraction=step / n
+            )
+
+        if self._is_mock():
+            self._set_step(n)
+            self._set_result("OK")
+            yield update(n)
+            return
+        for command in commands:
+            await self._send(command)
+        await self._send(bt2200.encode_enable([self.cell], self.sequence_id))
+        await self._send(bt2200.encode_initiate([self.cell]))
+        failures = 0
+        while True:
+            try:
+                st = await self.status()
+            except _TRANSIENT:
+                # A garbled or lost poll says nothing about the cell, which keeps running.
+                failures += 1
+                if failures > self.max_poll_errors:
+                    raise
+                await asyncio.sleep(self.poll_period)
+                continue
+            failures = 0
+            yield update(min(st.step, n))
+            if not st.running:
+                break
+            await asyncio.sleep(self.poll_period)
+        if st.result == "FAIL":
+            raise SequenceFailedError(
+                f"channel {self.index}: step {st.step} failed test {st.test} "
+                f"({st.test_type} {st.limit:g}, measured {st.measured:g})",
+                status=st,
+                instrument=self.name,
+            )
+        if st.result == "ABORTED":
+            raise SequenceAbortedError(
+                f"channel {self.index}: sequence aborted", status=st, instrument=self.name
+            )
+
+    async def stop(self, success: bool = True) -> None:
+        """Abort this channel's sequence; its output turns off (current 0)."""
+        if self._is_mock():
+            self._set_state("IDLE")
+            self._set_current(0.0)
+            return
+        await self._send(bt2200.encode_abort([self.cell]))
+        await self.status()
+
+
+class BatteryCycler(SerialInstrument):
+    """A BT2200-class cycler: ``channels[1..n]`` are :class:`CyclerChannel` devices.
+
+    ``stop()`` aborts every channel. Configuration: ``model``, ``serial_number``,
+    ``firmware``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        name: str = "",
+        *,
+        timeout: float = 2.0,
+        channels: int = 8,
+        poll_period: float = 0.5,
+    ) -> None:
+        if not 1 <= channels <= 256:
+            raise ValueError(f"channels: must be within 1..256, got {channels!r}")
+        self.channels = DeviceVector(
+            {
+                i: CyclerChannel(
+                    i, self.ask, self.send, lambda: self.is_mock, poll_period=poll_period
+                )
+                for i in range(1, channels + 1)
+            }
+        )
+        with self.add_children_as_readables(StandardReadableFormat.CONFIG_SIGNAL):
+            self.model, self._set_model = soft_signal_r_and_setter(str)
+            self.serial_number, self._set_serial = soft_signal_r_and_setter(str)
+            self.firmware, self._set_firmware = soft_signal_r_and_setter(str)
+        super().__init__(url, name, timeout=timeout)
+
+    # -- I/O ----------------------------------------------------------------------------------
+    async def _query(
+        self, payload: bytes, complete: ReplyComplete, *, timeout: float | None = None
+    ) -> bytes:
+        try:
+            return await super()._query(payload, complete, timeout=timeout)
+        except termios.error as exc:
+            # pyserial's flush() on a pty that hung up mid-exchange raises termios.error,
+            # which is no OSError, so the shared transport lets it through and keeps the
+            # dead port. Map it to a lost connection and drop the port: the next call
+            # reopens it.
+            await self.transport.close()
+            raise ConnectionLostError(
+                f"connection lost: {exc}", instrument=self.name, command=payload
+            ) from exc
+
+    async def ask(self, command: bytes, shape: re.Pattern[bytes] | None = None) -> bytes:
+        """Send a query and return its reply line.
+
+        ``shape`` (from :func:`bt2200.expect`) lets stale replies of another shape, left
+        over from a timed-out command, be read past. A not-a-number answer is explained
+        by the error queue (busy -> :class:`InstrumentBusyError`).
+        """
+        complete = bt2200.reply_complete if shape is None else bt2200.reply_complete_for(shape)
+        raw = bt2200.last_reply(await self._query(command, complete))
+        if bt2200.is_not_a_number(raw):
+            err_cmd = scpi.encode("SYST:ERR?")
+            err_raw = bt2200.last_reply(
+                await self._query(err_cmd, bt2200.reply_complete_for(bt2200.EXPECT_ERROR))
+            )
+            err = self._decode(lambda: bt2200.decode_error(err_raw))
+            if err.ok:
+                raise ProtocolError(
+                    "instrument answered 'not a number'",
+                    instrument=self.name,
+                    command=command,
+                    raw=raw,
+                )
+            exc = bt2200.error_to_exception(err, command, raw)
+            exc.instrument = self.name
+            raise exc
+        return raw
+
+    async def send(self, command: bytes) -> None:
+        """Send a setter and confirm it with ``SYST:ERR?`` in the same message."""
+        raw = await self.ask(bt2200.checked(command), bt2200.EXPECT_ERROR)
+        err = self._decode(lambda: bt2200.decode_error(raw))
+        if not err.ok:
+            exc = bt2200.error_to_exception(err, command, raw)
+            exc.instrument = self.name
+            raise exc
+
+    async def _identify(self) -> None:
+        raw = await self.ask(scpi.encode("*IDN?"), bt2200.EXPECT_IDENTITY)
+        ident = self._decode(lambda: bt2200.decode_identity(raw))
+        if "keysight" not in ident.manufacturer.lower() or not ident.model.startswith("BT22"):
+            raise ProtocolError(
+                f"not a Keysight BT2200-family cycler: {ident.manufacturer} {ident.model}",
+                instrument=self.name,
+                raw=raw,
+            )
+        self._set_model(ident.model)
+        self._set_serial(ident.serial)
+        self._set_firmware(ident.firmware)
+        await self._write(scpi.encode("*CLS"))
+        for channel in self.channels.values():
+            await self.send(bt2200.encode_define_cell(channel.cell, channel.channel))
+
+    async def stop(self, success: bool = True) -> None:
+        """Abort every channel: all outputs off."""
+        if self.is_mock:
+            return
+        await self.send(bt2200.encode_abort())

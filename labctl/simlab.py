@@ -1,0 +1,103 @@
+"""Start the simulated lab as a separate process and read its instrument list.
+
+This is how labctl meets `hardware_mocks`: through the `labctl mocks serve`
+process and its contract-1 output (one JSON object per instrument), never by
+import. A real lab gives the same records from its own config.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+
+class SimulatedLabError(RuntimeError):
+    """The simulated lab did not start (bad config, crash); carries its stderr."""
+
+
+class SimulatedLabProcess:
+    """``with SimulatedLabProcess(speed=200) as lab: lab.records, lab.url("balance")``."""
+
+    def __init__(
+        self,
+        *,
+        config: str | Path | None = None,
+        transport: str = "pty",
+        speed: float | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.args = [sys.executable, "-m", "labctl.cli", "mocks", "serve", "--transport", transport]
+        if config is not None:
+            self.args += ["--config", str(config)]
+        if speed is not None:
+            self.args += ["--speed", str(speed)]
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[str] | None = None
+        self.records: list[dict[str, Any]] = []
+
+    def start(self) -> SimulatedLabProcess:
+        # stderr to a file: a pipe nobody reads would block the lab once it fills.
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=self._stderr, text=True
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            rec = json.loads(line)
+            self.records.append(rec)
+            if rec.get("index", 0) == rec.get("total", 1) - 1:
+                return self
+        self.stop()
+        self._stderr.seek(0)
+        err = self._stderr.read()
+        raise SimulatedLabError(f"simulated lab did not start: {err.strip()}")
+
+    def url(self, name: str) -> str:
+        for rec in self.records:
+            if rec["name"] == name:
+                return str(rec["url"])
+        raise KeyError(f"instrument {name!r} not in the lab: {[r['name'] for r in self.records]}")
+
+    def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one request to the lab's control port (faults, ground truth)."""
+        host, port = str(self.records[0]["control"]).removeprefix("tcp://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+        reply: dict[str, Any] = json.loads(data)
+        return reply
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def __enter__(self) -> SimulatedLabProcess:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

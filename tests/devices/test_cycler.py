@@ -1,0 +1,420 @@
+"""The BatteryCycler device against the BT2200 simulator, through real ptys and TCP."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.plans as bp
+import pytest
+from bluesky import RunEngine
+from bluesky.utils import FailedStatus
+from ophyd_async.core import WatchableAsyncStatus, init_devices, set_mock_value
+from ophyd_async.testing import assert_reading
+
+from hardware_mocks.faults import Fault
+from hardware_mocks.instruments.cycler import CyclerSimulator
+from hardware_mocks.lab import LabThread
+from labctl.devices.cycler import (
+    BatteryCycler,
+    CyclerChannel,
+    EndTest,
+    SequenceAbortedError,
+    SequenceFailedError,
+    Step,
+)
+from labctl.devices.errors import (
+    CommandRejectedError,
+    ConnectionLostError,
+    DeviceTimeoutError,
+    InstrumentBusyError,
+    InstrumentError,
+    ProtocolError,
+)
+from labctl.devices.protocols import bt2200
+from tests.conftest import start_lab
+
+SPEED = 2000.0
+
+
+@pytest.fixture
+def lab(transport: str) -> Iterator[LabThread]:
+    lab = start_lab("cycler", transport=transport, speed=SPEED)
+    yield lab
+    lab.stop()
+
+
+@pytest.fixture
+def tcp_lab() -> Iterator[LabThread]:
+    lab = start_lab("cycler", transport="tcp", speed=SPEED)
+    yield lab
+    lab.stop()
+
+
+def _cycler(lab: LabThread) -> BatteryCycler:
+    with init_devices():
+        cycler = BatteryCycler(lab.urls["cycler"], timeout=1.0, poll_period=0.05)
+    return cycler
+
+
+@pytest.fixture
+def cycler(lab: LabThread, RE: RunEngine) -> BatteryCycler:
+    return _cycler(lab)
+
+
+@pytest.fixture
+def tcp_cycler(tcp_lab: LabThread, RE: RunEngine) -> BatteryCycler:
+    return _cycler(tcp_lab)
+
+
+def _sim(lab: LabThread) -> CyclerSimulator:
+    sim = lab.lab.simulators["cycler"]
+    assert isinstance(sim, CyclerSimulator)
+    return sim
+
+
+class _Progress:
+    """A bluesky watcher that records the step numbers a status reports."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def __call__(self, current: int | None = None, *args: Any, **kwargs: Any) -> None:
+        assert current is not None
+        self.steps.append(current)
+
+
+def _start(call: Callable[..., Any], ch: CyclerChannel, steps: list[Step]) -> Any:
+    """Start a sequence on the RunEngine's loop; returns (status, progress updates)."""
+    progress = _Progress()
+    updates = progress.steps
+
+    async def start() -> WatchableAsyncStatus[int]:
+        status = ch.run_sequence(steps)
+        status.watch(progress)
+        return status
+
+    return call(start()), updates
+
+
+def _wait(call: Callable[..., Any], status: Any, timeout: float = 60.0) -> None:
+    async def wait() -> None:
+        await status
+
+    call(wait(), timeout=timeout)
+
+
+def _wait_running(call: Callable[..., Any], ch: CyclerChannel) -> bt2200.CellStatus:
+    for _ in range(200):
+        st: bt2200.CellStatus = call(ch.status())
+        if st.running and abs(st.current_a) > 0:
+            return st
+        time.sleep(0.01)
+    raise AssertionError("the sequence never started")
+
+
+def test_identify_and_cell_definitions(cycler: BatteryCycler, call: Callable[..., Any]) -> None:
+    assert call(cycler.model.get_value()) == "BT2203A"
+    assert call(cycler.serial_number.get_value()) == "MY59001234"
+    assert len(cycler.channels) == 8
+    raw = call(cycler.ask(b"CELL:DEF? 1008\n"))
+    assert raw == b"(@108)\n"
+    assert call(cycler.channels[3].cell_id.get_value()) == 1003
+
+
+def test_count_while_a_cc_discharge_runs(
+    cycler: BatteryCycler, RE: RunEngine, call: Callable[..., Any]
+) -> None:
+    ch = cycler.channels[1]
+    status, _ = _start(call, ch, [Step.discharge(2.0, 2.5, 3600)])
+    _wait_running(call, ch)
+    docs: list[dict[str, Any]] = []
+    RE(
+        bp.count([ch], num=3, delay=0.05),
+        lambda name, doc: docs.append(doc) if name == "event" else None,
+    )
+    data = [d["data"] for d in docs]
+    assert len(data) == 3
+    for d in data:
+        assert d["cycler-channels-1-current"] == pytest.approx(2.0, abs=0.005)  # discharge > 0
+        assert d["cycler-channels-1-state"] == "RUNNING"
+        assert d["cycler-channels-1-step"] == 1
+        assert 3.0 < d["cycler-channels-1-voltage"] < 3.75
+    # The cell discharges while we watch: voltage falls, step capacity rises.
+    assert data[-1]["cycler-channels-1-capacity_ah"] > data[0]["cycler-channels-1-capacity_ah"]
+    assert data[-1]["cycler-channels-1-voltage"] < data[0]["cycler-channels-1-voltage"]
+    call(ch.stop())
+    with pytest.raises(SequenceAbortedError):
+        _wait(call, status)
+
+
+def test_charge_rest_discharge_runs_to_completion(
+    cycler: BatteryCycler, call: Callable[..., Any]
+) -> None:
+    ch = cycler.channels[2]
+    steps = [Step.charge(2.5, 4.2, 1200), Step.rest(300), Step.discharge(2.5, 2.5, 1200)]
+    t0 = time.monotonic()
+    status, updates = _start(call, ch, steps)
+    _wait(call, status)
+    # 2700 s simulated at speed 2000: about 1.35 s of wall time.
+    assert 1.2 < time.monotonic() - t0 < 10.0
+    assert status.success
+    # Progress is the step number and never goes back (a short step may fall between polls).
+    assert updates[0] >= 1
+    assert updates[-1] == 3
+    assert updates == sorted(updates)
+
+    async def trigger() -> None:
+        await ch.trigger()
+
+    call(trigger())
+    assert call(ch.state.get_value()) == "IDLE"
+    assert call(ch.result.get_value()) == "OK"
+    assert call(ch.step.get_value()) == 3
+    assert call(ch.current.get_value()) == 0.0
+    # The discharge step ran its full 1200 s at 2.5 A (the cell started half full).
+    assert call(ch.capacity_ah.get_value()) == pytest.approx(2.5 * 1200 / 3600, rel=2e-3)
+    log = call(ch.fetch_log())
+    assert [r.step for r in log] == sorted(r.step for r in log)
+    assert {r.step for r in log} == {1, 2, 3}
+    assert all(b.time_s >= a.time_s for a, b in itertools.pairwise(log))
+    charge = [r for r in log if r.step == 1]
+    rest = [r for r in log if r.step == 2]
+    assert all(r.current_a == pytest.approx(-2.5, abs=1e-3) for r in charge[1:])  # charging < 0
+    assert charge[-1].capacity_ah == pytest.approx(2.5 * 1200 / 3600, rel=2e-3)
+    # Rest after charge: the voltage relaxes downward, visibly.
+    assert all(b.voltage_v <= a.voltage_v + 1e-4 for a, b in itertools.pairwise(rest))
+    assert rest[0].voltage_v - rest[-1].voltage_v > 0.01
+    assert call(ch.fetch_log()) == []  # rows are delivered once
+
+
+def test_stop_turns_the_output_off(cycler: BatteryCycler, call: Callable[..., Any]) -> None:
+    ch = cycler.channels[1]
+    status, _ = _start(call, ch, [Step.charge(3.0, 4.2, 36000)])
+    st = _wait_running(call, ch)
+    assert st.current_a == pytest.approx(-3.0, abs=0.005)  # charging: negative
+    call(ch.stop())
+    raw = call(cycler.ask(bt2200.encode_measure("current", [ch.cell]), bt2200.EXPECT_NUMBERS))
+    assert bt2200.decode_currents(raw, 1) == [0.0]
+    assert call(ch.current.get_value()) == 0.0
+    assert call(ch.state.get_value()) == "IDLE"
+    assert call(ch.result.get_value()) == "ABORTED"
+    with pytest.raises(SequenceAbortedError, match="aborted"):
+        _wait(call, status)
+    assert status.done
+    assert not status.success
+
+
+def test_limits_are_rejected_by_the_instrument_with_222(
+    tcp_cycler: BatteryCycler, call: Callable[..., Any]
+) -> None:
+    ch = tcp_cycler.channels[1]
+    for step, text in [
+        (Step.charge(10.0, 4.2, 60), "current 10 A"),
+        (Step.charge(1.0, 4.6, 60), "voltage 4.6 V"),
+        (Step.discharge(1.0, 1.5, 60), "voltage 1.5 V"),
+    ]:
+        status, _ = _start(call, ch, [step])
+        with pytest.raises(CommandRejectedError, match="-222") as info:
+            _wait(call, status)
+        assert text in str(info.value)
+        assert "cycler" in str(info.value)
+        assert info.value.raw is not None
+        assert info.value.raw.startswith(b"-222")
+    assert call(ch.status()).result == "NONE"  # nothing ran
+
+
+def test_fail_action_fails_the_status(tcp_cycler: BatteryCycler, call: Callable[..., Any]) -> None:
+    ch = tcp_cycler.channels[4]
+    guard = EndTest("VOLT_LE", 3.55, action="FAIL")
+    steps = [Step("DISCHARGE", 3600, 5.0, 2.5, (guard,)), Step.rest(60)]
+    status, _ = _start(call, ch, steps)
+    with pytest.raises(SequenceFailedError, match=r"VOLT_LE 3\.55") as info:
+        _wait(call, status)
+    st = info.value.status
+    assert (st.result, st.step, st.test, st.test_type) == ("FAIL", 1, 1, "VOLT_LE")
+    assert st.measured <= 3.55
+    assert call(tcp_cycler.ask(b"STAT:CELL:REP? (@1004)\n")) == b"3\n"
+
+
+def test_abs_set_in_a_plan_waits_for_the_sequence(
+    tcp_cycler: BatteryCycler, RE: RunEngine, call: Callable[..., Any]
+) -> None:
+    ch = tcp_cycler.channels[5]
+    RE(bps.abs_set(ch, [Step.rest(120), Step.charge(1.0, 4.2, 120)], wait=True))
+    st = call(ch.status())
+    assert (st.state, st.result, st.step) == ("IDLE", "OK", 2)
+    assert call(ch.capacity_ah.get_value()) == pytest.approx(1.0 * 120 / 3600, rel=1e-2)
+
+
+def test_electrolyte_in_the_cell_station_sets_the_resistance(
+    tcp_lab: LabThread, tcp_cycler: BatteryCycler, call: Callable[..., Any]
+) -> None:
+    world = tcp_lab.world
+    steps = [Step.discharge(5.0, 2.5, 300)]
+    # Both cells start from the same rest state, one with the default 10 mS/cm electrolyte
+    # and one initiated after a poor electrolyte was put at the cell station.
+    ref_status, _ = _start(call, tcp_cycler.channels[1], steps)
+    _wait_running(call, tcp_cycler.channels[1])
+    tcp_lab.call(world.pick, "rack/1")
+    tcp_lab.call(world.place, "cell")
+    tcp_lab.call(world.dispense, "LiPF6-PC", 5.0, "cell")
+    vial = world.vial_at("cell")
+    assert vial is not None
+    fractions, molality = tcp_lab.call(vial.composition)
+    kappa = world.electrolyte_model(fractions, molality, 25.0)
+    assert kappa < 3.0  # 2.5 mol/kg LiPF6 in PC alone: a poor electrolyte
+    poor_status, _ = _start(call, tcp_cycler.channels[2], steps)
+    _wait(call, ref_status)
+    _wait(call, poor_status)
+    sim = _sim(tcp_lab)
+    assert tcp_lab.call(lambda: float(sim.cells.kappa_ms_cm[0])) == pytest.approx(10.0)
+    assert tcp_lab.call(lambda: float(sim.cells.kappa_ms_cm[1])) == pytest.approx(kappa)
+    # Compare the two discharges at the same times into the step (from the data logs).
+    ref = {r.time_s: r for r in call(tcp_cycler.channels[1].fetch_log())}
+    poor = {r.time_s: r for r in call(tcp_cycler.channels[2].fetch_log())}
+    extra_ohm = sim.params.r_electrolyte_ohm * (10.0 / kappa - 1.0)
+    for t in (10.0, 100.0, 250.0):
+        assert ref[t].current_a == pytest.approx(poor[t].current_a, abs=1e-3)
+        assert ref[t].voltage_v - poor[t].voltage_v > 5.0 * extra_ohm
+    assert poor[250.0].temperature_c > ref[250.0].temperature_c  # more I^2 R heat
+
+
+@pytest.mark.parametrize(
+    ("fault", "exc"),
+    [
+        ("no_reply", DeviceTimeoutError),
+        ("garbage", ProtocolError),
+        ("busy", InstrumentBusyError),
+        ("drop", ConnectionLostError),
+    ],
+)
+def test_faults_raise_clear_errors_and_recover(
+    lab: LabThread,
+    cycler: BatteryCycler,
+    call: Callable[..., Any],
+    fault: str,
+    exc: type[Exception],
+) -> None:
+    ch = cycler.channels[1]
+    _sim(lab).faults.inject(fault)
+    t0 = time.monotonic()
+    with pytest.raises(exc) as info:
+        call(ch.measure_voltage())
+    assert time.monotonic() - t0 < 5.0  # bounded, never a hang
+    error = info.value
+    assert isinstance(error, InstrumentError)
+    assert "cycler" in str(error)
+    if fault == "busy":
+        assert "-200" in str(error)
+        assert error.raw == b"9.91E+37\n"
+    # The next command works again (reconnecting after a drop).
+    assert 3.0 < call(ch.measure_voltage()) < 4.2
+
+
+def test_late_reply_is_not_taken_for_the_next_answer(
+    tcp_lab: LabThread, tcp_cycler: BatteryCycler, call: Callable[..., Any]
+) -> None:
+    ch = tcp_cycler.channels[1]
+    _sim(tcp_lab).faults.inject("late_reply", delay_s=1.5)
+    with pytest.raises(DeviceTimeoutError):
+        call(ch.measure_voltage())
+    # The late voltage arrives during the next exchange's drain, not as its reply.
+    st = call(ch.status())
+    assert st.state == "IDLE"
+    assert 3.0 < st.voltage_v < 4.2
+
+
+def test_transient_poll_errors_do_not_fail_a_running_sequence(
+    tcp_lab: LabThread, tcp_cycler: BatteryCycler, call: Callable[..., Any]
+) -> None:
+    ch = tcp_cycler.channels[6]
+    status, _ = _start(call, ch, [Step.rest(1200), Step.discharge(1.0, 2.5, 300)])
+    for _ in range(200):  # wait until it runs: a garbled *setter* must fail the status
+        if call(ch.status()).running:
+            break
+    _sim(tcp_lab).faults.inject("garbage", count=2)
+    _wait(call, status)
+    assert status.success
+    assert _sim(tcp_lab).faults.fired[Fault.GARBAGE] == 2
+
+
+def test_failed_trigger_fails_the_run(
+    tcp_lab: LabThread, tcp_cycler: BatteryCycler, RE: RunEngine
+) -> None:
+    _sim(tcp_lab).faults.inject("garbage")
+    with pytest.raises(FailedStatus) as info:
+        RE(bp.count([tcp_cycler.channels[1]], num=1))
+    cause = info.value.__cause__
+    assert isinstance(cause, ProtocolError)
+    assert cause.raw  # the garbled bytes travel with the error
+    assert RE.state == "idle"
+
+
+async def test_mock_mode_needs_no_hardware() -> None:
+    async with init_devices(mock=True):
+        cyc = BatteryCycler("/dev/does-not-exist", channels=2)
+    ch = cyc.channels[2]
+    set_mock_value(ch.voltage, 3.7)
+    set_mock_value(ch.current, 1.5)
+    set_mock_value(ch.state, "RUNNING")
+    await ch.trigger()
+    await assert_reading(
+        ch,
+        {
+            "cyc-channels-2-voltage": {"value": 3.7},
+            "cyc-channels-2-current": {"value": 1.5},
+            "cyc-channels-2-state": {"value": "RUNNING"},
+        },
+        full_match=False,
+    )
+    progress = _Progress()
+    status = ch.run_sequence([Step.rest(10), Step.rest(10)])
+    status.watch(progress)
+    await status
+    assert status.success
+    assert progress.steps == [2]
+    await ch.stop()
+    assert await ch.current.get_value() == 0.0
+    assert await ch.fetch_log() == []
+    with pytest.raises(ValueError, match="steps"):
+        ch.run_sequence([])
+
+
+def test_pyvisa_client_talks_to_the_simulator(tcp_lab: LabThread) -> None:
+    import pyvisa
+    from pyvisa.resources import MessageBasedResource
+
+    port = int(tcp_lab.urls["cycler"].rsplit(":", 1)[1])
+    rm = pyvisa.ResourceManager("@py")
+    inst = rm.open_resource(
+        f"TCPIP::127.0.0.1::{port}::SOCKET",
+        read_termination="\n",
+        write_termination="\n",
+        timeout=2000,
+    )
+    try:
+        assert isinstance(inst, MessageBasedResource)
+        assert inst.query("*IDN?").startswith("Keysight Technologies,BT2203A,")
+        inst.write("CELL:DEFine 1001,(@101)")
+        inst.write("SEQuence:STEP:DEFine 1,1,DISCHARGE,600,2.0,2.5")
+        inst.write("SEQ:TEST:DEF 1,1,1,VOLT_LE,2.5,NONE,0,NEXT")
+        inst.write("CELL:ENABle (@1001),1")
+        inst.write("CELL:INITiate (@1001)")
+        assert inst.query("SYSTem:ERRor?") == '+0,"No error"'
+        assert inst.query("STAT:CELL:REP? (@1001)") == "1"
+        volts = float(inst.query("MEAS:CELL:VOLT? (@1001)"))
+        amps = float(inst.query("MEASure:CELL:CURRent? (@1001)"))
+        assert 3.0 < volts < 3.75
+        assert amps == pytest.approx(-2.0, abs=0.005)  # the BT2200 reports discharge < 0
+        inst.write("CELL:FROB (@1001)")
+        assert inst.query("SYST:ERR?") == '-113,"Undefined header"'
+        assert inst.query("SYST:ERR?") == '+0,"No error"'
+        inst.write("CELL:ABORt (@1001)")
+        assert float(inst.query("MEAS:CELL:CURR? (@1001)")) == 0.0
+    finally:
+        inst.close()
+        rm.close()
