@@ -75,10 +75,10 @@ def run_demo(
             reagents=list(reagents),
             pump_options={"contents_ml": 10.0, "rate_ml_min": 5.0},
         )
-        RE = RunEngine(call_returns_result=True)
+        engine = RunEngine(call_returns_result=True)
         progress = Progress()
-        RE.subscribe(progress)
-        RE.msg_hook = progress.on_msg
+        engine.subscribe(progress)  # type: ignore[no-untyped-call]
+        engine.msg_hook = progress.on_msg  # type: ignore[assignment]
         call_in_bluesky_event_loop(lab.connect(timeout=30))
         print(f"Connected {len(lab.by_name)} instruments. Recipe: {DEMO_RECIPE.name}", flush=True)
         result: dict[str, Any] = {}
@@ -87,7 +87,7 @@ def run_demo(
             results=result,
         )  # fmt: skip
         t = time.monotonic()
-        RE(plan)
+        engine(plan)
         elapsed = time.monotonic() - t
         truth = sim.control({"op": "state"})["state"]["vials"]["V01"]
         call_in_bluesky_event_loop(lab.disconnect())
@@ -100,11 +100,11 @@ def run_demo(
             f"({d['volume_ml']:.4f} mL in {d['steps']} steps) {mark}"
         )
     fr = ", ".join(f"{k} {v:.4f}" for k, v in result["fractions"].items())
+    target = DEMO_RECIPE.salt_molality
+    print(f"Achieved: {fr}; LiPF6 {result['salt_molality']:.4f} mol/kg (target {target})")
     print(
-        f"Achieved: {fr}; LiPF6 {result['salt_molality']:.4f} mol/kg (target {DEMO_RECIPE.salt_molality})"
-    )
-    print(
-        f"Conductivity: {result['conductivity_mS_cm']:.3f} mS/cm at {result['temperature_c']:.2f} C "
+        f"Conductivity: {result['conductivity_mS_cm']:.3f} mS/cm "
+        f"at {result['temperature_c']:.2f} C "
         f"(simulator ground truth now: {truth['conductivity_mS_cm']:.3f} mS/cm "
         f"for {truth['salt_molality']:.4f} mol/kg at {truth['temperature_c']:.2f} C)"
     )

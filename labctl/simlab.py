@@ -45,7 +45,7 @@ class SimulatedLabProcess:
 
     def start(self) -> SimulatedLabProcess:
         # stderr to a file: a pipe nobody reads would block the lab once it fills.
-        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
             self.args, stdout=subprocess.PIPE, stderr=self._stderr, text=True
         )

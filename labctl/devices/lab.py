@@ -35,6 +35,11 @@ class LabDevices:
     cycler: BatteryCycler | None = None
     by_name: dict[str, Device] = field(default_factory=dict)
 
+    def role(self, role: str) -> Any:
+        """The device in ``role`` (``"balance"``, ``"pumps"``...), or a LookupError naming it."""
+        self.require(role)
+        return getattr(self, role)
+
     def require(self, *roles: str) -> None:
         missing = [r for r in roles if getattr(self, r) is None]
         if missing:

@@ -45,10 +45,8 @@ def prepare_and_measure(
     ``mix_time_s`` and ``equilibrate_s`` are wall-clock seconds (the plan cannot know
     a simulator's time acceleration). ``results`` (optional) receives the summary.
     """
-    lab.require("balance", "pumps", "robot", "stirrer", "chamber", "meter")
-    assert lab.balance and lab.pumps and lab.robot and lab.stirrer and lab.chamber and lab.meter
-    balance, pumps, robot = lab.balance, lab.pumps, lab.robot
-    stirrer, chamber, meter = lab.stirrer, lab.chamber, lab.meter
+    balance, pumps, robot = lab.role("balance"), lab.role("pumps"), lab.role("robot")
+    stirrer, chamber, meter = lab.role("stirrer"), lab.role("chamber"), lab.role("meter")
     doses = plan_doses(recipe, reagents)
     sample_id = f"S-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     out: dict[str, Any] = results if results is not None else {}
@@ -62,7 +60,6 @@ def prepare_and_measure(
         "temperature_c": temperature_c,
     }
 
-    @bpp.run_decorator(md=md)
     def inner() -> Generator[Msg, Any, None]:
         yield from bps.trigger(robot.home, wait=True)
         yield from bps.mv(robot.transfer, (vial_station, "balance"))
@@ -105,5 +102,5 @@ def prepare_and_measure(
         )
         yield from bps.mv(robot.transfer, ("meter", vial_station))
 
-    yield from inner()
+    yield from bpp.run_wrapper(inner(), md=md)  # type: ignore[no-untyped-call]
     return out
