@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +33,23 @@ try:  # POSIX: a hung-up pty makes pyserial's flush raise termios.error (EIO)
     )
 except ImportError:  # pragma: no cover - Windows
     _PORT_ERRORS = (serial.SerialException, OSError)
+
+
+def _fast_close(port: Any) -> None:
+    """Close a ``socket://`` port without pyserial's 0.3 s courtesy sleep.
+
+    pyserial sleeps in ``close()`` "in case of quick reconnects"; when the garbage
+    collector finalises a forgotten port that sleep lands in whatever thread runs it
+    (often the event loop's), so we close the socket ourselves.
+    """
+    sock = getattr(port, "_socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            sock.close()
+        port._socket = None
+    port.is_open = False
 
 
 def ends_with(terminator: bytes) -> ReplyComplete:
@@ -63,9 +82,12 @@ class SerialTransport:
     # -- lifecycle ------------------------------------------------------------------
     def _open_blocking(self) -> None:
         try:
-            self._port = serial.serial_for_url(
+            port = serial.serial_for_url(
                 self.url, baudrate=self.baudrate, timeout=0.05, **self.serial_kwargs
             )
+            if self.url.startswith("socket://"):
+                port.close = types.MethodType(_fast_close, port)
+            self._port = port
         except (serial.SerialException, OSError, ValueError) as exc:
             self._port = None
             raise ConnectionLostError(
@@ -148,12 +170,30 @@ class SerialTransport:
         """Send ``payload`` and return the reply once ``complete(reply)`` is true."""
         async with self._lock:
             self.stats["requests"] += 1
-            return await asyncio.to_thread(
-                self._exchange_blocking, payload, complete, timeout or self.timeout
-            )
+            return await self._in_thread(payload, complete, timeout or self.timeout)
+
+    async def _in_thread(
+        self, payload: bytes, complete: ReplyComplete | None, timeout: float
+    ) -> bytes:
+        """Run one exchange in a worker thread, holding the lock until the thread is done.
+
+        A worker thread cannot be interrupted: if the awaiting task is cancelled, the
+        line stays locked until the exchange finishes, so no second exchange can
+        interleave with it on the same port.
+        """
+        job = asyncio.ensure_future(
+            asyncio.to_thread(self._exchange_blocking, payload, complete, timeout)
+        )
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            await asyncio.wait({job})
+            if not job.cancelled():
+                job.exception()  # retrieved: the caller was cancelled, not failed
+            raise
 
     async def write(self, payload: bytes) -> None:
         """Send a command that has no reply (e.g. NAMUR and SCPI setters)."""
         async with self._lock:
             self.stats["requests"] += 1
-            await asyncio.to_thread(self._exchange_blocking, payload, None, self.timeout)
+            await self._in_thread(payload, None, self.timeout)
