@@ -1,9 +1,10 @@
 """Analytical balance speaking MT-SICS level 0/1 (Mettler Toledo Standard Interface).
 
 Commands: ``S`` (stable weight; waits for stability), ``SI`` (immediate), ``Z`` (zero),
-``T`` (tare), ``TA`` (tare value query / preset), ``TAC`` (clear tare), ``I4``
-(serial number), ``@`` (reset). Replies follow the reference manual's layout
-``<ID> <Status> <Value> <Unit>`` with CRLF; errors ``ES`` (syntax), ``ET``
+``ZI`` (zero immediately), ``T`` (tare), ``TA`` (tare value query / preset), ``TAC``
+(clear tare), ``I1`` (MT-SICS level and versions), ``I2`` (balance data), ``I3``
+(software version), ``I4`` (serial number), ``I5`` (software id), ``@`` (reset).
+Replies follow the reference manual's layout ``<ID> <Status> <Value> <Unit>`` with CRLF; errors ``ES`` (syntax), ``ET``
 (transmission), ``EL`` (logical), and per-command ``I``/``+``/``-`` statuses.
 
 Physics: the pan carries whatever vial sits at the ``balance`` station (glass +
@@ -37,6 +38,7 @@ class BalanceSimulator(Simulator):
         seed: int = 0,
         latency_s: float = 0.002,
         serial_number: str = "B948372615",
+        model: str = "XS205DU",
         capacity_g: float = 220.0,
         readability_g: float = 0.0001,
         settle_tau_s: float = 1.2,
@@ -45,6 +47,7 @@ class BalanceSimulator(Simulator):
     ) -> None:
         super().__init__(name, world, seed=seed, latency_s=latency_s)
         self.serial_number = serial_number
+        self.model = model
         self.capacity_g = capacity_g
         self.readability_g = readability_g
         self.settle_tau_s = settle_tau_s
@@ -123,6 +126,23 @@ class BalanceSimulator(Simulator):
             return f'I4 A "{self.serial_number}"\r\n'.encode()
         if text == "I4":
             return f'I4 A "{self.serial_number}"\r\n'.encode()
+        if text == "I1":
+            return b'I1 A "01" "2.20" "2.20" "1.00" "1.00"\r\n'
+        if text == "I2":
+            return f'I2 A "{self.model} {self.capacity_g:.4f} g"\r\n'.encode()
+        if text == "I3":
+            return b'I3 A "5.20 1.21.3.7"\r\n'
+        if text == "I5":
+            return b'I5 A "11671158C"\r\n'
+        if text == "ZI":
+            gross, settled = self._gross()
+            over = self._range(gross)
+            if over:
+                return b"ZI " + over + b"\r\n"
+            self.zero_offset_g += gross
+            self._shown -= gross
+            self.tare_g = 0.0
+            return b"ZI S\r\n" if settled else b"ZI D\r\n"
         if text in ("S", "SI"):
             if text == "S":
                 gross = await self._wait_stable()
@@ -170,6 +190,6 @@ class BalanceSimulator(Simulator):
                 return b"TA L\r\n"
             self.tare_g = value
             return b"TA A " + self._format(self.tare_g) + b"\r\n"
-        if text.split(" ")[0] in {"S", "SI", "Z", "T", "TA", "TAC", "I4", "@"}:
+        if text.split(" ")[0] in {"S", "SI", "Z", "ZI", "T", "TA", "TAC", "I1", "I2", "I4", "@"}:
             return b"EL\r\n"  # known command, wrong parameters
         return b"ES\r\n"
