@@ -4,8 +4,9 @@ Commands: ``S`` (stable weight; waits for stability), ``SI`` (immediate), ``Z`` 
 ``ZI`` (zero immediately), ``T`` (tare), ``TA`` (tare value query / preset), ``TAC``
 (clear tare), ``I1`` (MT-SICS level and versions), ``I2`` (balance data), ``I3``
 (software version), ``I4`` (serial number), ``I5`` (software id), ``@`` (reset).
-Replies follow the reference manual's layout ``<ID> <Status> <Value> <Unit>`` with CRLF; errors ``ES`` (syntax), ``ET``
-(transmission), ``EL`` (logical), and per-command ``I``/``+``/``-`` statuses.
+Replies follow the reference manual's layout ``<ID> <Status> <Value> <Unit>`` with
+CRLF; errors ``ES`` (syntax), ``ET`` (transmission), ``EL`` (logical), and
+per-command ``I``/``+``/``-`` statuses.
 
 Physics: the pan carries whatever vial sits at the ``balance`` station (glass +
 liquid) plus anything spilled. The display approaches the true load with a
