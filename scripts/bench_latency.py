@@ -46,6 +46,46 @@ def _fmt(samples: list[float]) -> str:
     )
 
 
+# One cheap read-only command per instrument, and how its reply ends (raw pyserial).
+RAW_COMMANDS: dict[str, tuple[bytes, bytes]] = {
+    "balance": (b"SI\r\n", b"\r\n"),
+    "pumps": (b"0\r", b"\x03"),
+    "robot": (b"M114\n", b"\nok"),  # position line, then "ok[ P.. B..]"
+    "stirrer": (b"IN_PV_4\r\n", b"\r\n"),
+    "chamber": (b"MEAS:TEMP?\n", b"\n"),
+    "meter": (b"GETMEAS\r", b"> "),
+    "cycler": (b"MEAS:CELL:VOLT? (@1001)\n", b"\n"),
+}
+
+
+def _exchange(port: Any, name: str, cmd: bytes, end: bytes) -> None:
+    port.write(cmd)
+    reply = port.read_until(end)
+    if end == b"\nok":
+        reply += port.read_until(b"\n")
+    if not reply.endswith((end[-1:], b"\n")):
+        raise RuntimeError(f"{name}: no reply to {cmd!r}: {reply!r}")
+
+
+def bench_raw(transport: str, n: int, latency_s: float) -> None:
+    """Raw round trip per instrument command (pyserial only, no labctl code)."""
+    with LabThread(load_lab_config(), transport=transport, speed=1.0) as lab:  # type: ignore[arg-type]
+        for sim in lab.lab.simulators.values():
+            sim.latency_s = latency_s
+        for name, (cmd, end) in RAW_COMMANDS.items():
+            port = serial.serial_for_url(lab.urls[name], timeout=2)
+            if name == "cycler":
+                port.write(b"CELL:DEF:QUIC 1\n")  # map cells to channels first (no reply)
+            port.write(cmd)  # warm-up (the pumps answer their power-on alarm first)
+            port.read_until(end)
+            port.reset_input_buffer()
+
+            samples = _time(lambda: _exchange(port, name, cmd, end), n)  # noqa: B023
+            port.close()
+            label = cmd.strip().decode(errors="replace")
+            print(f"[{transport}] {name:8s} {label:24s} {_fmt(samples)}")
+
+
 def bench(transport: str, n: int) -> dict[str, float]:
     cfg = load_lab_config()
     cfg.instruments = [i for i in cfg.instruments if i.kind == "balance"]
@@ -76,6 +116,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=300)
     args = ap.parse_args()
+    print("Raw round trip per command, simulator reply latency 0 (our serving + pyserial):")
+    for transport in ("pty", "tcp"):
+        bench_raw(transport, args.n, 0.0)
+    print("\nBalance: raw vs labctl device vs RunEngine step (same run):")
     for transport in ("pty", "tcp"):
         bench(transport, args.n)
 
