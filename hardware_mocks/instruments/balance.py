@@ -136,12 +136,12 @@ class BalanceSimulator(Simulator):
         if text == "I5":
             return b'I5 A "11671158C"\r\n'
         if text == "ZI":
-            gross, settled = self._gross()
-            over = self._range(gross)
+            now_g, settled = self._gross()
+            over = self._range(now_g)
             if over:
                 return b"ZI " + over + b"\r\n"
-            self.zero_offset_g += gross
-            self._shown -= gross
+            self.zero_offset_g += now_g
+            self._shown -= now_g
             self.tare_g = 0.0
             return b"ZI S\r\n" if settled else b"ZI D\r\n"
         if text in ("S", "SI"):
