@@ -41,6 +41,19 @@ def call(RE: RunEngine) -> Callable[..., Any]:
     return run
 
 
+@pytest.fixture
+def opened(call: Callable[..., Any]) -> Iterator[list[Any]]:
+    """Devices to disconnect after the test (append them); ports are never left to the GC."""
+    devices: list[Any] = []
+    yield devices
+
+    async def close_all() -> None:
+        for device in devices:
+            await device.disconnect()
+
+    call(close_all())
+
+
 @pytest.fixture(params=["pty", "tcp"])
 def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)

@@ -33,9 +33,10 @@ def lab(transport: str) -> Iterator[LabThread]:
 
 
 @pytest.fixture
-def balance(lab: LabThread, RE: RunEngine) -> Balance:
+def balance(lab: LabThread, RE: RunEngine, opened: list[Any]) -> Balance:
     with init_devices():
         balance = Balance(lab.urls["balance"], timeout=1.0)
+    opened.append(balance)
     return balance
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -34,27 +33,6 @@ from tests.conftest import lab_config, start_lab
 
 SPEED = 1000.0  # simulated seconds per wall second
 NOISE = 0.005  # the simulator's relative noise (1 sigma)
-
-_closing: set[asyncio.Task[None]] = set()
-
-
-@pytest.fixture
-def opened(call: Callable[..., Any]) -> Iterator[list[SerialInstrument]]:
-    """Devices to disconnect after the test, without waiting for it.
-
-    pyserial's socket ``close()`` sleeps 0.3 s; an open port left to the garbage
-    collector stalls whichever thread collects it (a simulator's, or the RunEngine's).
-    """
-    devices: list[SerialInstrument] = []
-    yield devices
-
-    async def close_in_background() -> None:
-        for device in devices:
-            task = asyncio.get_running_loop().create_task(device.disconnect())
-            _closing.add(task)
-            task.add_done_callback(_closing.discard)
-
-    call(close_in_background())
 
 
 @pytest.fixture

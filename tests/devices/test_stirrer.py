@@ -36,27 +36,6 @@ from tests.conftest import start_lab
 
 SPEED = 1000.0  # simulated seconds per wall second
 
-_closing: set[asyncio.Task[None]] = set()
-
-
-@pytest.fixture
-def opened(call: Callable[..., Any]) -> Iterator[list[SerialInstrument]]:
-    """Devices to disconnect after the test, without waiting for it.
-
-    pyserial's socket ``close()`` sleeps 0.3 s; an open port left to the garbage
-    collector stalls whichever thread collects it (a simulator's, or the RunEngine's).
-    """
-    devices: list[SerialInstrument] = []
-    yield devices
-
-    async def close_in_background() -> None:
-        for device in devices:
-            task = asyncio.get_running_loop().create_task(device.disconnect())
-            _closing.add(task)
-            task.add_done_callback(_closing.discard)
-
-    call(close_in_background())
-
 
 @pytest.fixture
 def lab(transport: str) -> Iterator[LabThread]:
