@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 SOLVENTS: tuple[str, ...] = ("EC", "PC", "EMC", "DMC", "DEC")
 LIPF6_MOLAR_MASS = 151.905  # g/mol
+# Below this a "salt" dose is a few micrograms: not an electrolyte anyone makes.
+MIN_MOLALITY = 0.01
 
 
 class Reagent(BaseModel):
@@ -72,6 +74,13 @@ class Recipe(BaseModel):
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"fractions must sum to 1, got {total:.6f} from {v}")
         return {k: x for k, x in v.items() if x > 0}
+
+    @field_validator("salt_molality")
+    @classmethod
+    def _molality(cls, v: float) -> float:
+        if 0.0 < v < MIN_MOLALITY:
+            raise ValueError(f"must be 0 or at least {MIN_MOLALITY} mol/kg, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _label(self) -> Recipe:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from bluesky import RunEngine
 from bluesky.run_engine import call_in_bluesky_event_loop
+from hypothesis import settings
 
 from hardware_mocks.config import LabConfig, load_lab_config
 from hardware_mocks.lab import LabThread
+
+# No per-example deadline (a loaded 2-core CI machine is slow, not wrong). In CI,
+# derandomized so a run is reproducible; locally, random to keep exploring.
+settings.register_profile("default", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 def lab_config(*kinds: str, **overrides: Any) -> LabConfig:

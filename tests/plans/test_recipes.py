@@ -20,7 +20,9 @@ def recipes(draw: st.DrawFn) -> Recipe:
     total = sum(raw)
     fractions = {n: x / total for n, x in zip(names, raw, strict=True)}
     fractions[names[0]] += 1.0 - sum(fractions.values())
-    return Recipe(fractions=fractions, salt_molality=draw(st.floats(0.0, 2.5)), solvent_g=4.0)
+    return Recipe(
+        fractions=fractions, salt_molality=draw(st.just(0.0) | st.floats(0.01, 2.5)), solvent_g=4.0
+    )
 
 
 @given(recipes())
@@ -51,6 +53,7 @@ def test_ec_dmc_one_molal() -> None:
         ({"fractions": {"EC": 0.5, "H2O": 0.5}, "salt_molality": 1.0}, "unknown solvent"),
         ({"fractions": {"EC": 1.0}, "salt_molality": 3.0}, "salt_molality"),
         ({"fractions": {"EC": 1.0}, "salt_molality": 1.0, "solvent_g": 0}, "solvent_g"),
+        ({"fractions": {"EC": 1.0}, "salt_molality": 1e-300}, "at least 0.01"),
     ],
 )
 def test_bad_recipes_name_the_field(kwargs: dict[str, object], match: str) -> None:
