@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import tomllib
 from collections.abc import Sequence
@@ -46,8 +47,10 @@ class ReagentConfig(BaseModel):
         unknown = sorted(set(v) - set(SOLVENTS))
         if unknown:
             raise ValueError(f"unknown solvent(s) {unknown}; allowed {list(SOLVENTS)}")
-        if any(x < 0 for x in v.values()) or abs(sum(v.values()) - 1.0) > 1e-6:
-            raise ValueError(f"fractions must be >= 0 and sum to 1, got {v}")
+        if not all(math.isfinite(x) and x >= 0 for x in v.values()):
+            raise ValueError(f"fractions must be finite and >= 0, got {v}")
+        if abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must sum to 1, got {v}")
         return v
 
 
@@ -81,6 +84,15 @@ class LabConfig(BaseModel):
     def _model_path(cls, v: str) -> str:
         if not re.fullmatch(r"[\w.]+:\w+", v):
             raise ValueError(f"must look like 'package.module:function', got {v!r}")
+        return v
+
+    @field_validator("reagents")
+    @classmethod
+    def _unique_reagents(cls, v: list[ReagentConfig]) -> list[ReagentConfig]:
+        names = [r.name for r in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"reagent names must be unique, repeated: {dupes}")
         return v
 
     @field_validator("instruments")

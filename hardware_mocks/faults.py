@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import random
+import threading
 from dataclasses import dataclass
 
 
@@ -31,6 +32,8 @@ class FaultInjector:
     """Holds the faults armed on one instrument; consulted once per request."""
 
     def __init__(self, seed: int = 0) -> None:
+        # Armed from a test or control thread while the lab's loop consumes them.
+        self._lock = threading.Lock()
         self._armed: list[ArmedFault] = []
         self.rng = random.Random(seed)
         self.fired: dict[Fault, int] = dict.fromkeys(Fault, 0)
@@ -40,26 +43,30 @@ class FaultInjector:
         fault = Fault(fault)
         if count is not None and count < 1:
             raise ValueError(f"count must be >= 1 or None, got {count!r}")
-        self._armed.append(ArmedFault(fault, count, delay_s))
+        with self._lock:
+            self._armed.append(ArmedFault(fault, count, delay_s))
 
     def clear(self) -> None:
-        self._armed.clear()
+        with self._lock:
+            self._armed.clear()
 
     @property
     def armed(self) -> list[ArmedFault]:
-        return list(self._armed)
+        with self._lock:
+            return list(self._armed)
 
     def next(self) -> ArmedFault | None:
         """The fault to apply to the current request, consuming one shot of it."""
-        if not self._armed:
-            return None
-        armed = self._armed[0]
-        if armed.remaining is not None:
-            armed.remaining -= 1
-            if armed.remaining <= 0:
-                self._armed.pop(0)
-        self.fired[armed.fault] += 1
-        return armed
+        with self._lock:
+            if not self._armed:
+                return None
+            armed = self._armed[0]
+            if armed.remaining is not None:
+                armed.remaining -= 1
+                if armed.remaining <= 0:
+                    self._armed.pop(0)
+            self.fired[armed.fault] += 1
+            return armed
 
     def garbage(self, terminator: bytes) -> bytes:
         """Line noise: random non-empty bytes that end like a reply would."""

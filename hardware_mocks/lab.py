@@ -6,8 +6,14 @@ import asyncio
 import importlib
 import inspect
 import json
+import logging
+import shutil
+import tempfile
+import typing
 from types import TracebackType
 from typing import Any, Literal
+
+from pydantic import TypeAdapter, ValidationError
 
 from hardware_mocks.clock import SimClock
 from hardware_mocks.config import SIMULATORS, ConfigError, LabConfig, load_lab_config
@@ -15,12 +21,27 @@ from hardware_mocks.server import Endpoint, Simulator, serve_pty, serve_tcp
 from hardware_mocks.world import LabWorld, Reagent
 
 Transport = Literal["pty", "tcp"]
+log = logging.getLogger(__name__)
 
 
 def simulator_class(kind: str) -> type[Simulator]:
     module, _, cls = SIMULATORS[kind].partition(":")
     sim_cls: type[Simulator] = getattr(importlib.import_module(module), cls)
     return sim_cls
+
+
+def _validated_options(cls: type[Simulator], options: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check each option against the simulator's ``__init__`` annotation (TOML types)."""
+    hints = typing.get_type_hints(cls.__init__)
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        hint = hints.get(key, Any)
+        try:
+            out[key] = TypeAdapter(hint).validate_python(value)
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"]
+            raise ConfigError(f"{where}: options.{key} = {value!r}: {msg}") from None
+    return out
 
 
 class SimulatedLab:
@@ -31,8 +52,14 @@ class SimulatedLab:
     """
 
     def __init__(self, config: LabConfig | None = None, *, speed: float | None = None) -> None:
-        self.config = config or load_lab_config()
-        self.clock = SimClock(speed if speed is not None else self.config.speed)
+        config = config or load_lab_config()
+        if speed is not None:  # an override is validated like the file's own value
+            try:
+                config = LabConfig.model_validate({**config.model_dump(), "speed": speed})
+            except ValidationError as exc:
+                raise ConfigError(f"speed = {speed!r}: {exc.errors()[0]['msg']}") from None
+        self.config = config
+        self.clock = SimClock(self.config.speed)
         reagents = {
             r.name: Reagent(r.name, dict(r.solvent_fractions), r.salt_molality, r.density_g_ml)
             for r in self.config.reagents
@@ -56,27 +83,34 @@ class SimulatedLab:
                     f"instruments[{i}] ({inst.name!r}, kind {inst.kind!r}): unknown option(s) "
                     f"{unknown}; allowed: {allowed}"
                 )
+            options = _validated_options(cls, inst.options, f"instruments[{i}] ({inst.name!r})")
             try:
                 self.simulators[inst.name] = cls(
-                    inst.name, self.world, seed=self.config.seed + i, **inst.options
+                    inst.name, self.world, seed=self.config.seed + i, **options
                 )
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"instruments[{i}] ({inst.name!r}): {exc}") from exc
         self.endpoints: dict[str, Endpoint] = {}
+        self._pty_dir: str | None = None
 
     async def start(self, transport: Transport | None = None) -> dict[str, Endpoint]:
         transport = transport or self.config.transport
+        if transport == "pty" and self._pty_dir is None:
+            self._pty_dir = tempfile.mkdtemp(prefix="labctl-pty-")
         for name, sim in self.simulators.items():
             if transport == "tcp":
                 self.endpoints[name] = await serve_tcp(sim)
             else:
-                self.endpoints[name] = await serve_pty(sim)
+                self.endpoints[name] = await serve_pty(sim, self._pty_dir)
         return self.endpoints
 
     async def stop(self) -> None:
         for ep in self.endpoints.values():
             await ep.close()
         self.endpoints.clear()
+        if self._pty_dir is not None:
+            shutil.rmtree(self._pty_dir, ignore_errors=True)
+            self._pty_dir = None
 
     @property
     def urls(self) -> dict[str, str]:
@@ -137,7 +171,12 @@ class SimulatedLab:
                 raise ValueError("request must be a JSON object")
         except ValueError as exc:
             return json.dumps({"ok": False, "error": f"request: {exc}"}).encode() + b"\n"
-        return json.dumps(self.control(req), default=str).encode() + b"\n"
+        try:
+            reply = self.control(req)
+        except Exception as exc:  # the control port answers every line, even on a bug
+            log.exception("control request %r failed", req)
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return json.dumps(reply, default=str).encode() + b"\n"
 
 
 class LabThread:

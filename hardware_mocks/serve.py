@@ -45,6 +45,13 @@ async def serve(
 ) -> None:
     config = load_lab_config(config_path)
     lab = SimulatedLab(config, speed=speed)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Before anything is printed: a SIGTERM right after the last record must still
+    # shut down cleanly (links removed), not kill the process.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
     await lab.start(transport)
     control = await start_control_server(lab)
     host, port = control.sockets[0].getsockname()[:2]
@@ -53,11 +60,6 @@ async def serve(
         rec.update(control=f"tcp://{host}:{port}", index=i, total=len(records))
         out.write(json.dumps(rec) + "\n")
     out.flush()
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import termios
 import tty
@@ -137,8 +138,18 @@ async def _session(
         if not chunk:
             return False
         buffer.extend(chunk)
-        for frame in sim.split_frames(buffer):
-            reply, drop = await sim.respond(frame)
+        try:
+            frames = sim.split_frames(buffer)
+        except Exception:  # a framing bug must not end the connection for good
+            log.exception("%s: cannot frame %r", sim.name, bytes(buffer[:64]))
+            buffer.clear()
+            continue
+        for frame in frames:
+            try:
+                reply, drop = await sim.respond(frame)
+            except Exception:  # e.g. a bad option value: log, answer nothing, keep serving
+                log.exception("%s: failed on %r", sim.name, frame)
+                continue
             if drop:
                 return True
             if reply:
@@ -268,9 +279,20 @@ class _Pty:
 
 
 async def serve_pty(sim: Simulator, directory: str | None = None) -> Endpoint:
-    """Serve on a pseudo-terminal; the URL is a stable symlink to the pty's path."""
+    """Serve on a pseudo-terminal; the URL is a stable symlink to the pty's path.
+
+    Without ``directory`` a private temporary directory holds the link and is
+    removed on close; a given directory is left in place (its owner removes it).
+    """
+    own_dir = directory is None
     directory = directory or tempfile.mkdtemp(prefix="labctl-pty-")
     pty = _Pty(sim, os.path.join(directory, sim.name))
     pty.open()
     pty.task = asyncio.create_task(pty.run(), name=f"pty:{sim.name}")
-    return Endpoint(sim, pty.link, "pty", pty.close)
+
+    async def close() -> None:
+        await pty.close()
+        if own_dir:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    return Endpoint(sim, pty.link, "pty", close)

@@ -48,6 +48,8 @@ class Reagent:
         if unknown:
             raise ValueError(f"reagent {self.name!r}: unknown solvent(s) {sorted(unknown)}")
         total = sum(self.solvent_fractions.values())
+        if not all(math.isfinite(x) and x >= 0 for x in self.solvent_fractions.values()):
+            raise ValueError(f"reagent {self.name!r}: fractions must be finite and >= 0")
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"reagent {self.name!r}: solvent fractions sum to {total}, not 1")
         if self.density_g_ml is None:

@@ -8,6 +8,7 @@ import. A real lab gives the same records from its own config.
 from __future__ import annotations
 
 import json
+import selectors
 import signal
 import socket
 import subprocess
@@ -51,18 +52,29 @@ class SimulatedLabProcess:
         )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            rec = json.loads(line)
-            self.records.append(rec)
-            if rec.get("index", 0) == rec.get("total", 1) - 1:
-                return self
+        problem = "it exited"
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    problem = f"no instrument list within {self.start_timeout:g} s"
+                    break
+                line = self.proc.stdout.readline()
+                if not line:
+                    break
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    problem = f"unexpected output {line.strip()!r}"
+                    break
+                self.records.append(rec)
+                if rec.get("index", 0) == rec.get("total", 1) - 1:
+                    return self
         self.stop()
         self._stderr.seek(0)
-        err = self._stderr.read()
-        raise SimulatedLabError(f"simulated lab did not start: {err.strip()}")
+        err = self._stderr.read().strip()
+        raise SimulatedLabError(f"simulated lab did not start ({problem}): {err}")
 
     def url(self, name: str) -> str:
         for rec in self.records:
@@ -85,14 +97,17 @@ class SimulatedLabProcess:
         return reply
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def __enter__(self) -> SimulatedLabProcess:
         return self.start()
@@ -101,3 +116,4 @@ class SimulatedLabProcess:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+        self._stderr.close()

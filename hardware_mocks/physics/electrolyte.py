@@ -101,8 +101,10 @@ def landesfeind_blend(
     """Default ground truth: conductivity in mS/cm of LiPF6 in a carbonate blend."""
     if not (math.isfinite(salt_molality) and salt_molality >= 0):
         raise ValueError(f"salt_molality must be finite and >= 0, got {salt_molality!r}")
-    if not (math.isfinite(temperature_c) and -60.0 <= temperature_c <= 120.0):
-        raise ValueError(f"temperature_c must be within -60..120 C, got {temperature_c!r}")
+    # The fits cover about -30..60 C; beyond that the model extrapolates smoothly
+    # (the chamber reaches 150 C and the hotplate more: the lab must not go silent).
+    if not (math.isfinite(temperature_c) and -80.0 <= temperature_c <= 350.0):
+        raise ValueError(f"temperature_c must be within -80..350 C, got {temperature_c!r}")
     eta = blend_viscosity(fractions, temperature_c)
     eta_ref = blend_viscosity(REFERENCE_FRACTIONS, temperature_c)
     eps = blend_dielectric(fractions)

@@ -19,9 +19,10 @@ from typing import Any
 
 import serial
 
-from labctl.devices.errors import ConnectionLostError, DeviceTimeoutError
+from labctl.devices.errors import ConnectionLostError, DeviceTimeoutError, ProtocolError
 
 ReplyComplete = Callable[[bytes], bool]
+MAX_REPLY_BYTES = 64 * 1024
 
 try:  # POSIX: a hung-up pty makes pyserial's flush raise termios.error (EIO)
     import termios
@@ -135,17 +136,29 @@ class SerialTransport:
                     buf.extend(chunk)
                     if complete(bytes(buf)):
                         return bytes(buf)
-                elif time.monotonic() >= deadline:
+                    if len(buf) > MAX_REPLY_BYTES:
+                        # An instrument streaming without end (e.g. a balance left in
+                        # continuous mode) must not grow this buffer forever.
+                        self._dirty = True
+                        raise ProtocolError(
+                            f"reply exceeds {MAX_REPLY_BYTES} bytes without completing",
+                            instrument=self.name,
+                            command=payload,
+                            raw=bytes(buf[-256:]),
+                        )
+                # Checked after every chunk, so a steady stream of bytes that never
+                # completes a reply still times out.
+                if time.monotonic() >= deadline:
                     self.stats["timeouts"] += 1
                     self._dirty = True
                     raise DeviceTimeoutError(
                         f"no complete reply within {timeout:g} s",
                         instrument=self.name,
                         command=payload,
-                        raw=bytes(buf),
+                        raw=bytes(buf[-256:]),
                     )
-        except DeviceTimeoutError:
-            raise  # (a TimeoutError, hence an OSError: not a lost connection)
+        except (DeviceTimeoutError, ProtocolError):
+            raise  # (a TimeoutError is an OSError, but not a lost connection)
         except _PORT_ERRORS as exc:
             # The port is gone (pty hung up, socket closed): drop it; the next call reopens.
             self._port = None

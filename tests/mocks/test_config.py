@@ -57,3 +57,27 @@ def test_bad_electrolyte_model_path() -> None:
     cfg = lab_config("balance", electrolyte_model="hardware_mocks.physics.electrolyte:nope")
     with pytest.raises(ConfigError, match="electrolyte_model"):
         SimulatedLab(cfg)
+
+
+def test_nan_fraction_and_duplicate_reagents_are_refused() -> None:
+    text = DEFAULT.read_text().replace(
+        "solvent_fractions = { PC = 1.0 }\n[[", "solvent_fractions = { PC = nan }\n[[", 1
+    )
+    with pytest.raises(ConfigError, match="finite"):
+        parse_lab_config(text)
+    text = DEFAULT.read_text().replace('name = "PC"', 'name = "EC"', 1)
+    with pytest.raises(ConfigError, match=r"repeated: \['EC'\]"):
+        parse_lab_config(text)
+
+
+def test_option_types_are_checked_against_the_simulator() -> None:
+    cfg = lab_config("balance")
+    cfg.instruments[0].options = {"latency_s": "2ms"}
+    with pytest.raises(ConfigError, match=r"options\.latency_s = '2ms'"):
+        SimulatedLab(cfg)
+
+
+@pytest.mark.parametrize("speed", [0.0, -1.0, float("inf"), 1e9])
+def test_speed_override_is_validated(speed: float) -> None:
+    with pytest.raises(ConfigError, match="speed"):
+        SimulatedLab(lab_config("balance"), speed=speed)

@@ -122,3 +122,23 @@ async def test_pty_drop_hangs_up_and_the_same_path_reopens() -> None:
     finally:
         await ep.close()
     assert not os.path.exists(ep.url)
+
+
+async def test_a_simulator_that_raises_keeps_serving() -> None:
+    class Flaky(Echo):
+        def busy_reply(self, request: bytes) -> bytes | None:
+            raise RuntimeError("bug in a busy reply")
+
+    sim = Flaky("flaky", _world())
+    ep = await serve_pty(sim)
+    try:
+        port = serial.serial_for_url(ep.url, timeout=1)
+        sim.faults.inject("busy")
+        port.write(b"a\r")
+        assert await asyncio.to_thread(port.read_until, b"\r\n") == b""  # no reply, logged
+        port.write(b"b\r")
+        assert await asyncio.to_thread(port.read_until, b"\r\n") == b"<b>\r\n"
+        port.close()
+    finally:
+        await ep.close()
+    assert not os.path.exists(os.path.dirname(ep.url))  # its private directory is gone
