@@ -8,6 +8,7 @@ import. A real lab gives the same records from its own config.
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import signal
 import socket
@@ -41,36 +42,44 @@ class SimulatedLabProcess:
         if speed is not None:
             self.args += ["--speed", str(speed)]
         self.start_timeout = start_timeout
-        self.proc: subprocess.Popen[str] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.records: list[dict[str, Any]] = []
 
     def start(self) -> SimulatedLabProcess:
         # stderr to a file: a pipe nobody reads would block the lab once it fills.
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives with the process
-        self.proc = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=self._stderr, text=True
-        )
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self._stderr)
         assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + self.start_timeout
         problem = "it exited"
+        pending = b""
+        # Unbuffered reads against a deadline: a buffered readline would pull several
+        # records into Python's buffer and leave select() waiting on an empty pipe.
         with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            sel.register(fd, selectors.EVENT_READ)
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0 or not sel.select(left):
                     problem = f"no instrument list within {self.start_timeout:g} s"
                     break
-                line = self.proc.stdout.readline()
-                if not line:
+                chunk = os.read(fd, 65536)
+                if not chunk:
                     break
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    problem = f"unexpected output {line.strip()!r}"
-                    break
-                self.records.append(rec)
-                if rec.get("index", 0) == rec.get("total", 1) - 1:
-                    return self
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        problem = f"unexpected output {line.strip()!r}"
+                        break
+                    self.records.append(rec)
+                    if rec.get("index", 0) == rec.get("total", 1) - 1:
+                        return self
+                else:
+                    continue
+                break
         self.stop()
         self._stderr.seek(0)
         err = self._stderr.read().strip()
