@@ -54,9 +54,9 @@ class Progress:
             if stream == "dosing":
                 w = next(v for k, v in data.items() if k.endswith("weight"))
                 print(f"{t}   weighed {w:9.4f} g", flush=True)
-            elif stream == "conductivity":
-                k = next(v for k, v in data.items() if k.endswith("conductivity"))
-                temp = next(v for k, v in data.items() if k.endswith("-temperature"))
+            elif stream == "conductivity_readings":
+                k = next(v for k, v in data.items() if k.endswith("-conductivity"))
+                temp = next(v for k, v in data.items() if k.endswith("meter-temperature"))
                 print(f"{t}   conductivity {k:7.3f} mS/cm at {temp:5.2f} C", flush=True)
         elif name == "stop":
             print(f"{t} run finished: {doc['exit_status']} {doc.get('reason') or ''}", flush=True)

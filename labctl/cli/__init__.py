@@ -8,11 +8,13 @@ from typing import Annotated
 import typer
 
 from labctl.cli.mocks import mocks
+from labctl.cli.plans import plans
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
 )
 app.add_typer(mocks, name="mocks")
+app.add_typer(plans, name="plans")
 
 
 @app.command("demo")

@@ -73,8 +73,10 @@ def test_prepare_and_measure_makes_the_recipe_and_measures_it(
         truth["fractions"], truth["salt_molality"], result["temperature_c"]
     )
     assert result["conductivity_mS_cm"] == pytest.approx(expected, rel=0.03)
-    streams = {d["name"] for n, d in docs if n == "descriptor"}
-    assert streams == {"dosing", "conductivity"}
+    streams = [d["name"] for n, d in docs if n == "descriptor"]
+    assert streams == ["dosing", "doses", "composition", "conductivity_readings", "conductivity"]
+    (point,) = [d["data"] for n, d in docs if n == "event" and "equilibrated" in d["data"]]
+    assert point["conductivity_mS_cm"] == pytest.approx(result["conductivity_mS_cm"])
 
 
 @pytest.mark.subprocess
