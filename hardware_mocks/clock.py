@@ -24,6 +24,14 @@ class SimClock:
         """Simulated seconds since the lab started."""
         return self._t0 + (time.monotonic() - self._m0) * self.speed
 
+    def set_speed(self, speed: float) -> None:
+        """Change the acceleration from now on; simulated time stays continuous."""
+        if not speed > 0:
+            raise ValueError(f"speed must be > 0, got {speed!r}")
+        self._t0 = self.now()
+        self._m0 = time.monotonic()
+        self.speed = float(speed)
+
     def wall(self, sim_seconds: float) -> float:
         """Wall-clock seconds that ``sim_seconds`` take at this speed."""
         return max(0.0, sim_seconds) / self.speed

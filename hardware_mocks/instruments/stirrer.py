@@ -19,10 +19,16 @@ where it was, which a driver sees only when it reads the setpoint back. NAMUR ha
 no busy reply either: under the ``busy`` fault the stirrer answers nothing (firmware
 that is busy, e.g. in its self-test after power-up, drops requests).
 
-Deviation from the real instrument: with a PT 1000 plugged in, the RCT digital
-regulates the *medium* temperature; this simulator always regulates the *plate*
-(as the instrument does without a probe) and reports the probe, which sits in the
-vial, only as a thermometer.
+Regulation: without a probe (``probe_connected=False``, the default) the controller
+regulates the *plate* to ``OUT_SP_1`` and the probe channel ``IN_PV_1``, which sits in
+the vial, is only a thermometer. With ``probe_connected=True`` it regulates the
+*medium*, as an RCT digital does with a PT 1000 plugged in: the plate is driven to
+``ambient + (setpoint - ambient) / vial_coupling + probe_gain * (setpoint - medium)``
+(the feed-forward that puts the vial on the setpoint in steady state, plus a
+proportional correction), capped at ``max_temperature_c``; the medium settles on the
+setpoint without offset. A probe hanging in the air (no vial) reads ambient, so the
+plate then heats to its cap, as on the real instrument (which is why it has a
+safety circuit). The medium the controller sees is the shadowed vial temperature below.
 
 Physics (evaluated lazily against the lab clock, sub-stepped at <= 0.5 s):
 
@@ -85,6 +91,8 @@ class StirrerSimulator(Simulator):
         mix_reference_rpm: float = 300.0,
         diffusion_tau_s: float = 4.0 * 3600.0,
         max_step_s: float = 0.5,
+        probe_connected: bool = False,
+        probe_gain: float = 1.0,
     ) -> None:
         super().__init__(name, world, seed=seed, latency_s=latency_s)
         if not 0.0 < vial_coupling <= 1.0:
@@ -98,6 +106,7 @@ class StirrerSimulator(Simulator):
             ("mix_reference_rpm", mix_reference_rpm),
             ("diffusion_tau_s", diffusion_tau_s),
             ("max_step_s", max_step_s),
+            ("probe_gain", probe_gain),
         ):
             if not v > 0:
                 raise ValueError(f"{label} must be > 0, got {v!r}")
@@ -115,6 +124,8 @@ class StirrerSimulator(Simulator):
         self.mix_reference_rpm = mix_reference_rpm
         self.diffusion_tau_s = diffusion_tau_s
         self.max_step_s = max_step_s
+        self.probe_connected = bool(probe_connected)
+        self.probe_gain = probe_gain
         self._rng = random.Random(seed)
         # Instrument state.
         self.temperature_setpoint = 0.0
@@ -136,17 +147,27 @@ class StirrerSimulator(Simulator):
         amb = self.world.ambient_c
         return amb + self.vial_coupling * (plate_c - amb)
 
-    def _step_plate(self, h: float) -> None:
+    def _plate_target(self, medium_c: float) -> float:
+        """Where the controller wants the plate: the setpoint, or (probe) what heats the medium."""
+        if not self.probe_connected:
+            return self.temperature_setpoint
         amb = self.world.ambient_c
-        if self.heater_on and self.temperature_setpoint > self.plate_c:
-            gap = self.temperature_setpoint - self.plate_c
+        sp = self.temperature_setpoint
+        target = amb + (sp - amb) / self.vial_coupling + self.probe_gain * (sp - medium_c)
+        return min(self.max_temperature_c, max(0.0, target))
+
+    def _step_plate(self, h: float, medium_c: float) -> None:
+        amb = self.world.ambient_c
+        target = self._plate_target(medium_c)
+        if self.heater_on and target > self.plate_c:
+            gap = target - self.plate_c
             self.plate_c += min(
                 gap * -math.expm1(-h / self.plate_tau_s), self.max_heating_rate_k_s * h
             )
         else:
             cooled = amb + (self.plate_c - amb) * math.exp(-h / self.plate_cooling_tau_s)
-            # With the heater on, the controller holds the setpoint on the way down.
-            floor = self.temperature_setpoint if self.heater_on else -math.inf
+            # With the heater on, the controller holds its target on the way down.
+            floor = target if self.heater_on else -math.inf
             self.plate_c = max(cooled, min(floor, self.plate_c))
         target = self.speed_setpoint if self.motor_on else 0.0
         step = self.speed_ramp_rpm_s * h
@@ -179,7 +200,8 @@ class StirrerSimulator(Simulator):
         for i in range(n):
             t0 = self._t + i * h
             t1 = t0 + h
-            self._step_plate(h)
+            # The probe sits in the vial (or hangs in the room air without one).
+            self._step_plate(h, self._vial_c if vial is not None else self.world.ambient_c)
             if vial is None or t1 <= self._vial_t:
                 continue
             span = t1 - max(t0, self._vial_t)

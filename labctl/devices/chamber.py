@@ -9,6 +9,11 @@ a queued error raises :class:`~labctl.devices.errors.CommandRejectedError` (``-2
 the chamber's busy code, raises :class:`~labctl.devices.errors.InstrumentBusyError`).
 After a timeout or a garbled reply the line is resynchronised with ``*IDN?`` before
 the next command, because SCPI replies carry no command identifier.
+
+``stop()`` switches the controller off. A move's stop token is created in ``set()``
+itself (not when its task first runs) and checked before every setup message, so a
+stop that arrives while the move is still pending or being set up wins: ``OUTP ON`` is
+never sent after it.
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ try:  # a pty hung up between write() and tcdrain() raises termios.error, not an
     _TTY_ERRORS: tuple[type[Exception], ...] = (termios.error,)
 except ImportError:  # pragma: no cover - no termios on Windows
     _TTY_ERRORS = ()
+
+
+class _Move:
+    """A move's stop token: set synchronously by ``set()``, fired by ``stop()``."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.success = False
 
 
 class TemperatureChamber(SerialInstrument):
@@ -115,8 +128,7 @@ class TemperatureChamber(SerialInstrument):
         self._io_lock = asyncio.Lock()
         self._resync_needed = False
         self._idn_line: bytes | None = None
-        self._stop_event: asyncio.Event | None = None
-        self._stop_success = False
+        self._move: _Move | None = None  # the pending or running move, if any
 
     # -- SCPI exchanges ---------------------------------------------------------------------
     async def _query(
@@ -323,30 +335,42 @@ class TemperatureChamber(SerialInstrument):
             return self.settle_timeout
         return 2.0 * abs(target - start) / max(ramp, 1e-3) * 60.0 + dwell + 1800.0
 
-    @WatchableAsyncStatus.wrap
-    async def set(
-        self, value: float, timeout: float | None = None
-    ) -> AsyncIterator[WatcherUpdate[float]]:
+    def set(self, value: float, timeout: float | None = None) -> WatchableAsyncStatus[float]:
         """Go to ``value`` deg C and wait until the chamber is stable there.
 
         ``timeout`` (wall seconds) overrides ``settle_timeout`` for this move.
         """
-        target = float(value)
-        payload = chamber.encode_setpoint(target)  # ValueError before any I/O
-        tolerance = await self.tolerance.get_value()
-        dwell = await self.dwell.get_value()
-        if self.is_mock:
-            initial = await self.temperature.get_value()
-            self._set_setpoint(target)
-            self._set_temperature(target)
-            self._set_running(True)
-            self._set_stable(True)
-            yield WatcherUpdate(current=target, initial=initial, target=target, name=self.name)
-            return
-        stop = self._stop_event = asyncio.Event()
-        self._stop_success = False
+        # The stop token exists from this call on: a stop() before the status task runs
+        # finds a pending move and wins (the move then never sends OUTP ON).
+        move = self._move = _Move()
+        status = WatchableAsyncStatus(self._do_set(value, timeout, move), name=self.name)
+        status.task.add_done_callback(lambda _: self._forget(move))
+        return status
+
+    def _forget(self, move: _Move) -> None:
+        if self._move is move:
+            self._move = None
+
+    async def _do_set(
+        self, value: float, timeout: float | None, move: _Move
+    ) -> AsyncIterator[WatcherUpdate[float]]:
+        stop = move.event
         try:
-            initial = (await self.read_status()).temperature_c
+            target = float(value)
+            payload = chamber.encode_setpoint(target)  # ValueError before any I/O
+            tolerance = await self.tolerance.get_value()
+            dwell = await self.dwell.get_value()
+            if self.is_mock:
+                initial = await self.temperature.get_value()
+                self._set_setpoint(target)
+                self._set_temperature(target)
+                self._set_running(True)
+                self._set_stable(True)
+                yield WatcherUpdate(current=target, initial=initial, target=target, name=self.name)
+                return
+            initial = await self.temperature.get_value()
+            if not stop.is_set():
+                initial = (await self.read_status()).temperature_c
             setup = (
                 chamber.encode_tolerance(tolerance),
                 chamber.encode_dwell(dwell),
@@ -354,6 +378,8 @@ class TemperatureChamber(SerialInstrument):
                 chamber.encode_output(True),
             )
             for message in setup:
+                # Checked with no await before send() takes the I/O lock: a stop() from
+                # here on queues its OUTP OFF behind this message.
                 if stop.is_set():  # a stop() now must not be undone by our OUTP ON
                     break
                 await self.send(message)
@@ -395,26 +421,25 @@ class TemperatureChamber(SerialInstrument):
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.poll_period)
-            if not self._stop_success:
+            if not move.success:
                 raise RuntimeError(f"{self.name}: stopped while moving to {target:g} degC")
         finally:
-            if self._stop_event is stop:
-                self._stop_event = None
+            self._forget(move)
 
     async def stop(self, success: bool = False) -> None:
         """Stop: switch the controller off (``OUTP OFF``), ending a move in progress.
 
         The RunEngine calls ``stop(success=True)`` on every device it has moved at the
         end of *every* plan. A chamber must hold its temperature between plans, so that
-        call switches the controller off only while a move is still in progress;
-        ``stop()`` / ``stop(success=False)`` always switches it off.
+        call switches the controller off only while a move is pending or in progress
+        (and that move then completes without error); ``stop()`` /
+        ``stop(success=False)`` always switches it off and fails a move in progress.
         """
-        event = self._stop_event
-        moving = event is not None
-        if event is not None:
-            self._stop_success = success
-            event.set()
-        if success and not moving:
+        move = self._move
+        if move is not None:
+            move.success = success
+            move.event.set()  # first, synchronously: the move sends nothing more
+        if success and move is None:
             return
         if self.is_mock:
             self._set_running(False)

@@ -14,21 +14,29 @@ channel ``101``, ...). Each channel is
 * **Movable-like**: ``run_sequence(steps)`` (also ``set(steps)``, so ``bps.abs_set`` works)
   defines the steps as the channel's own sequence, enables and initiates it, and returns
   a ``WatchableAsyncStatus`` that reports the step number as progress and completes when
-  the instrument says the sequence has ended: successfully (result ``OK``), or failed
-  with :class:`SequenceFailedError` (a ``FAIL`` test fired) or
-  :class:`SequenceAbortedError` (``stop()``).
+  the instrument says the sequence has ended: successfully (result ``OK`` after the
+  sequence was seen running), or failed with :class:`SequenceFailedError` (a ``FAIL``
+  test fired), :class:`SequenceAbortedError` (``stop(success=False)``, or another
+  client's ``CELL:ABORt``) or :class:`SequenceError` (it ended with no result at all).
 * **Stoppable**: ``stop()`` sends ``CELL:ABORt`` for the channel: its output turns off.
+  As bluesky expects, ``stop(success=True)`` (pause, suspend, end of plan) ends a running
+  sequence's status without error, ``stop(success=False)`` fails it. The stop token is
+  made in ``run_sequence()`` itself and checked just before ``CELL:INITiate``, so a stop
+  that comes while the sequence is still being defined means it never starts.
 * ``fetch_log()`` returns the data-log rows recorded since the previous call (for
   streaming to a database or a BMS).
 
 Setters are sent as ``<setter>;:SYST:ERR?`` so every command is confirmed; a rejected one
 raises :class:`~labctl.devices.errors.CommandRejectedError` with the SCPI code (e.g.
 ``-222`` for a current above the channel rating or a voltage limit outside 2.0..4.5 V).
+A query and the ``SYST:ERR?`` that explains a not-a-number answer run under one device
+lock, so the error read is never another channel's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
 import termios
@@ -96,6 +104,19 @@ Ask = Callable[[bytes, "re.Pattern[bytes] | None"], Awaitable[bytes]]
 Send = Callable[[bytes], Awaitable[None]]
 
 
+class _Run:
+    """A sequence run's stop token, made synchronously by ``run_sequence()``."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.stopped = False
+        self.success = True
+
+    def stop(self, success: bool) -> None:
+        self.stopped, self.success = True, success
+        self.event.set()
+
+
 class CyclerChannel(StandardReadable):
     """One cycler channel (and the cell on it); created by :class:`BatteryCycler`."""
 
@@ -120,6 +141,7 @@ class CyclerChannel(StandardReadable):
         self._ask = ask
         self._send = send
         self._is_mock = is_mock
+        self._run_token: _Run | None = None  # the pending or running sequence, if any
         with self.add_children_as_readables():
             self.voltage, self._set_voltage = soft_signal_r_and_setter(
                 float, units="V", precision=5
@@ -202,14 +224,27 @@ class CyclerChannel(StandardReadable):
         """Run ``steps`` on this channel; the status reports the step number as progress."""
         steps = tuple(steps)
         commands = bt2200.encode_sequence(self.sequence_id, steps)  # validates before I/O
-        return WatchableAsyncStatus(self._run(steps, commands), name=self.name)
+        # The stop token exists from this call on: a stop() before the status task runs
+        # (or while the sequence is still being defined) means it is never initiated.
+        run = self._run_token = _Run()
+        status = WatchableAsyncStatus(self._run(steps, commands, run), name=self.name)
+        status.task.add_done_callback(lambda _: self._forget(run))
+        return status
 
     def set(self, value: Sequence[Step]) -> WatchableAsyncStatus[int]:
         """``bps.abs_set(channel, steps, wait=True)``: same as :meth:`run_sequence`."""
         return self.run_sequence(value)
 
+    def _forget(self, run: _Run) -> None:
+        if self._run_token is run:
+            self._run_token = None
+
+    def _mark_stopped(self, success: bool) -> None:
+        if self._run_token is not None:
+            self._run_token.stop(success)
+
     async def _run(
-        self, steps: tuple[Step, ...], commands: list[bytes]
+        self, steps: tuple[Step, ...], commands: list[bytes], run: _Run
     ) -> AsyncIterator[WatcherUpdate[int]]:
         n = len(steps)
 
@@ -223,26 +258,41 @@ class CyclerChannel(StandardReadable):
             self._set_result("OK")
             yield update(n)
             return
-        for command in commands:
-            await self._send(command)
-        await self._send(bt2200.encode_enable([self.cell], self.sequence_id))
-        await self._send(bt2200.encode_initiate([self.cell]))
-        failures = 0
-        while True:
-            try:
-                st = await self.status()
-            except _TRANSIENT:
-                # A garbled or lost poll says nothing about the cell, which keeps running.
-                failures += 1
-                if failures > self.max_poll_errors:
-                    raise
-                await asyncio.sleep(self.poll_period)
-                continue
+        try:
+            setup = [*commands, bt2200.encode_enable([self.cell], self.sequence_id)]
+            for command in setup:
+                if run.stopped:
+                    break
+                await self._send(command)
+            # Checked with no await before send() takes the device lock: a stop() from
+            # here on queues its CELL:ABORt behind this CELL:INITiate.
+            if not run.stopped:
+                await self._send(bt2200.encode_initiate([self.cell]))
             failures = 0
-            yield update(min(st.step, n))
-            if not st.running:
-                break
-            await asyncio.sleep(self.poll_period)
+            seen_running = False
+            while True:
+                try:
+                    st = await self.status()
+                except _TRANSIENT:
+                    # A garbled or lost poll says nothing about the cell, which keeps running.
+                    failures += 1
+                    if failures > self.max_poll_errors:
+                        raise
+                    await asyncio.sleep(self.poll_period)
+                    continue
+                failures = 0
+                seen_running = seen_running or st.running
+                yield update(min(st.step, n))
+                if not st.running:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(run.event.wait(), self.poll_period)
+            self._judge(st, started=seen_running or st.step >= 1, run=run)
+        finally:
+            self._forget(run)
+
+    def _judge(self, st: CellStatus, *, started: bool, run: _Run) -> None:
+        """Raise unless the sequence that just ended succeeded (or a stop() says it may)."""
         if st.result == "FAIL":
             raise SequenceFailedError(
                 f"channel {self.index}: step {st.step} failed test {st.test} "
@@ -250,13 +300,34 @@ class CyclerChannel(StandardReadable):
                 status=st,
                 instrument=self.name,
             )
+        if st.result == "OK" and started:
+            return
+        if run.stopped:
+            if run.success:
+                return  # halted by stop(success=True): bluesky's pause/suspend
+            raise SequenceAbortedError(
+                f"channel {self.index}: sequence aborted by stop() at step {st.step}",
+                status=st,
+                instrument=self.name,
+            )
         if st.result == "ABORTED":
             raise SequenceAbortedError(
                 f"channel {self.index}: sequence aborted", status=st, instrument=self.name
             )
+        raise SequenceError(
+            f"channel {self.index}: sequence ended without a result (state {st.state}, "
+            f"result {st.result}, step {st.step}); was it reset by another client?",
+            status=st,
+            instrument=self.name,
+        )
 
     async def stop(self, success: bool = True) -> None:
-        """Abort this channel's sequence; its output turns off (current 0)."""
+        """Abort this channel's sequence; its output turns off (current 0).
+
+        A sequence in progress (or still being defined) then ends: without error for
+        ``success=True``, with :class:`SequenceAbortedError` for ``success=False``.
+        """
+        self._mark_stopped(success)  # first, synchronously: no CELL:INIT goes out after this
         if self._is_mock():
             self._set_state("IDLE")
             self._set_current(0.0)
@@ -296,6 +367,10 @@ class BatteryCycler(SerialInstrument):
             self.serial_number, self._set_serial = soft_signal_r_and_setter(str)
             self.firmware, self._set_firmware = soft_signal_r_and_setter(str)
         super().__init__(url, name, timeout=timeout)
+        # One exchange at a time *including* its error check: the transport's lock covers
+        # a single query, and a SYST:ERR? sent after another channel's command would read
+        # that command's error.
+        self._io_lock = asyncio.Lock()
 
     # -- I/O ----------------------------------------------------------------------------------
     async def _query(
@@ -321,24 +396,25 @@ class BatteryCycler(SerialInstrument):
         by the error queue (busy -> :class:`InstrumentBusyError`).
         """
         complete = bt2200.reply_complete if shape is None else bt2200.reply_complete_for(shape)
-        raw = bt2200.last_reply(await self._query(command, complete))
-        if bt2200.is_not_a_number(raw):
+        async with self._io_lock:
+            raw = bt2200.last_reply(await self._query(command, complete))
+            if not bt2200.is_not_a_number(raw):
+                return raw
             err_cmd = scpi.encode("SYST:ERR?")
             err_raw = bt2200.last_reply(
                 await self._query(err_cmd, bt2200.reply_complete_for(bt2200.EXPECT_ERROR))
             )
-            err = self._decode(lambda: bt2200.decode_error(err_raw))
-            if err.ok:
-                raise ProtocolError(
-                    "instrument answered 'not a number'",
-                    instrument=self.name,
-                    command=command,
-                    raw=raw,
-                )
-            exc = bt2200.error_to_exception(err, command, raw)
-            exc.instrument = self.name
-            raise exc
-        return raw
+        err = self._decode(lambda: bt2200.decode_error(err_raw))
+        if err.ok:
+            raise ProtocolError(
+                "instrument answered 'not a number'",
+                instrument=self.name,
+                command=command,
+                raw=raw,
+            )
+        exc = bt2200.error_to_exception(err, command, raw)
+        exc.instrument = self.name
+        raise exc
 
     async def send(self, command: bytes) -> None:
         """Send a setter and confirm it with ``SYST:ERR?`` in the same message."""
@@ -366,7 +442,9 @@ class BatteryCycler(SerialInstrument):
             await self.send(bt2200.encode_define_cell(channel.cell, channel.channel))
 
     async def stop(self, success: bool = True) -> None:
-        """Abort every channel: all outputs off."""
+        """Abort every channel: all outputs off (sequences end as for a channel's stop())."""
+        for channel in self.channels.values():
+            channel._mark_stopped(success)
         if self.is_mock:
             return
         await self.send(bt2200.encode_abort())

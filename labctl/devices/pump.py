@@ -8,6 +8,13 @@ lock serialises their commands; pumps still run concurrently, as on a real chain
 A pump is a ``Movable``: ``set(volume_ml)`` infuses that volume at the configured rate
 and completes only when the pump reports its program stopped with the volume delivered
 (``DIS``), reporting progress to watchers on the way. ``stop()`` halts it.
+
+Stopping follows bluesky: ``stop(success=True)`` (what the RunEngine sends on pause,
+suspend and at the end of every plan) ends a move in progress without error, the pump
+halted; ``stop(success=False)`` ends it with an error. A stop that arrives before the
+pump was started (``set()`` still programming it) wins: ``RUN`` is never sent. Each
+``set()`` records the stop generation when it is called, so no later code can forget a
+stop that came in between.
 """
 
 from __future__ import annotations
@@ -154,7 +161,9 @@ class SyringePump(StandardReadable, Movable[float], Stoppable):
         self._total = 0.0
         self._moved = 0.0  # latest DIS count of the move in progress
         self._ran = False  # RUN was sent for the move in progress: the plunger may have moved
-        self._stop_requested = False
+        # Every stop() bumps the generation; a move compares it with the one it was
+        # started under (recorded synchronously in set()), so a stop is never lost.
+        self._stop_gen = 0
         self._stop_success = True
         with self.add_children_as_readables(StandardReadableFormat.HINTED_SIGNAL):
             self.dispensed, self._set_dispensed = soft_signal_r_and_setter(
@@ -354,12 +363,21 @@ class SyringePump(StandardReadable, Movable[float], Stoppable):
                 instrument=self.label,
             )
 
+    def _stopped(self, generation: int) -> bool:
+        return self._stop_gen != generation
+
     async def _run_phase(
-        self, volume_ml: float, direction: ne1000.Direction
+        self, volume_ml: float, direction: ne1000.Direction, generation: int
     ) -> AsyncIterator[float]:
-        """Program and run one phase; yield the volume moved so far at each poll."""
+        """Program and run one phase; yield the volume moved so far at each poll.
+
+        A stop() since ``generation`` was taken ends the phase: before ``RUN`` nothing is
+        started at all; after it the pump has been halted by stop() itself.
+        """
         addr = self._address
         self._moved, self._ran = 0.0, False
+        if self._stopped(generation):
+            return
         await self._ensure_stopped()
         await self._ack(ne1000.encode_direction(addr, direction))
         await self._ack(ne1000.encode_clear(addr, direction))
@@ -371,7 +389,11 @@ class SyringePump(StandardReadable, Movable[float], Stoppable):
         expected_s = volume_ml / self._rate_ml_min * 60.0 if self._rate_ml_min > 0 else 0.0
         deadline = time.monotonic() + 1.5 * expected_s + self.move_timeout_margin
         tolerance = 1.5 * ne1000.float_resolution(value) * units.ml
-        self._stop_requested, self._ran = False, True
+        # Checked with no await before RUN takes the line: a stop() from now on queues its
+        # STP behind our RUN (the transport lock is FIFO), so it halts what RUN started.
+        if self._stopped(generation):
+            return
+        self._ran = True
         await self._ack(ne1000.encode(addr, "RUN"))
         while True:
             try:
@@ -386,7 +408,7 @@ class SyringePump(StandardReadable, Movable[float], Stoppable):
             if status is ne1000.Status.STOPPED:
                 break
             if status is ne1000.Status.PAUSED:
-                if self._stop_requested:
+                if self._stopped(generation):
                     break
                 raise CommandRejectedError(
                     f"pump paused (keypad?) after {self._moved:.4g} of {volume_ml:.4g} mL",
@@ -400,7 +422,7 @@ class SyringePump(StandardReadable, Movable[float], Stoppable):
                     instrument=self.label,
                 )
             await asyncio.sleep(self.poll_interval)
-        if not self._stop_requested and abs(self._moved - volume_ml) > tolerance:
+        if not self._stopped(generation) and abs(self._moved - volume_ml) > tolerance:
             raise InstrumentError(
                 f"pump stopped after {self._moved:.4g} of {volume_ml:.4g} mL",
                 instrument=self.label,
@@ -418,9 +440,13 @@ class SyringePump(StandardReadable, Movable[float], Stoppable):
             self._contents = max(0.0, self._contents - infused_ml)
         self._set_contents(self._contents)
 
-    @WatchableAsyncStatus.wrap
-    async def set(self, value: float) -> AsyncIterator[WatcherUpdate[float]]:
+    def set(self, value: float) -> WatchableAsyncStatus[float]:
         """Infuse ``value`` mL at the configured rate; done when the pump has stopped."""
+        # The stop generation is taken now, not when the status task first runs: a stop()
+        # right after set() must cancel this move, not be forgotten by it.
+        return WatchableAsyncStatus(self._infuse(value, self._stop_gen), name=self.name)
+
+    async def _infuse(self, value: float, generation: int) -> AsyncIterator[WatcherUpdate[float]]:
         volume = float(value)
         if not (math.isfinite(volume) and volume > 0):
             raise ValueError(f"{self.label}: volume must be a finite number > 0 mL, got {value!r}")
@@ -439,7 +465,7 @@ class SyringePump(StandardReadable, Movable[float], Stoppable):
             )
         failed, self._moved, self._ran = True, 0.0, False
         try:
-            async for moved in self._run_phase(volume, ne1000.Direction.INFUSE):
+            async for moved in self._run_phase(volume, ne1000.Direction.INFUSE, generation):
                 self._set_dispensed(moved)
                 yield WatcherUpdate(
                     current=moved,
@@ -453,7 +479,7 @@ class SyringePump(StandardReadable, Movable[float], Stoppable):
             failed = False
         finally:
             self._account(self._moved, failed)
-        if self._stop_requested and not self._stop_success:
+        if self._stopped(generation) and not self._stop_success:
             raise InstrumentError(
                 f"stopped after {self._moved:.4g} of {volume:.4g} mL", instrument=self.label
             )
@@ -464,21 +490,27 @@ class SyringePump(StandardReadable, Movable[float], Stoppable):
             await self._ack(ne1000.encode(self._address, "STP"))
 
     async def stop(self, success: bool = True) -> None:
-        """Halt the pump (a move in progress then ends; with ``success=False`` it fails)."""
+        """Halt the pump; a move in progress or still being programmed then ends.
+
+        ``success=True`` (bluesky's pause/suspend/end of plan): the move's status
+        completes without error; ``success=False``: it fails.
+        """
+        self._stop_gen += 1  # first, synchronously: the move must see it before RUN
+        self._stop_success = success
         if self.is_mock:
             return
-        self._stop_requested, self._stop_success = True, success
         await self._halt()
 
     # -- actions --------------------------------------------------------------------------
     async def _withdraw(self, volume_ml: float, start_ml: float) -> None:
         """Withdraw ``volume_ml`` into a syringe holding ``start_ml``."""
+        generation = self._stop_gen  # a stop() from here on ends the withdraw
         rate = self._rate_ml_min
         if self._refill_rate is not None:
             await self._write_rate(self._refill_rate)
         self._moved, self._ran = 0.0, False
         try:
-            async for _ in self._run_phase(volume_ml, ne1000.Direction.WITHDRAW):
+            async for _ in self._run_phase(volume_ml, ne1000.Direction.WITHDRAW, generation):
                 pass
         except InstrumentError:
             if self._ran:

@@ -8,6 +8,12 @@ input), and ``transfer`` is Movable to ``(source, destination)``: the whole safe
 and place sequence, done only when the vial is really down. ``home`` is an Action
 (``G28``); ``stop()`` sends ``M410`` (quickstop). See docs/instruments/robot.md.
 
+Stopping follows bluesky: ``stop(success=True)`` (pause, suspend, end of a plan) ends a
+move, gripper action or transfer without error, the gantry halted where it is;
+``stop(success=False)`` ends it with :class:`MotionStoppedError`. Each ``set()`` takes
+the stop generation when it is called, and every ``G1``/``M280`` checks it just before
+it is sent, so a stop that arrives before the motion is under way always wins.
+
 The station table below is the device's default calibration (machine coordinates after
 ``G28``); pass ``deck=`` to use a measured one.
 """
@@ -96,7 +102,24 @@ def _annotate(exc: InstrumentError, context: str) -> None:
         exc.args = (exc.message,)
 
 
-MoveFn = Callable[[dict[str, float], float, str], AsyncIterator[dict[str, float]]]
+MoveFn = Callable[[dict[str, float], float, str, int], AsyncIterator[dict[str, float]]]
+
+
+class _Motions:
+    """What a gantry shares with its children: the stop generation and motions in flight."""
+
+    def __init__(self) -> None:
+        self.generation = 0  # bumped by every stop(): motions started under an older one end
+        self.success = True  # the latest stop()'s success
+        self.active = 0  # set() statuses not done yet (pending or moving)
+
+    def track(self, status: AsyncStatus[None] | WatchableAsyncStatus[float]) -> None:
+        """Count ``status`` as active, from now (synchronously) until it is done."""
+        self.active += 1
+        status.task.add_done_callback(self._done)
+
+    def _done(self, _: object) -> None:
+        self.active -= 1
 
 
 class GantryAxis(StandardReadable, Movable[float], Stoppable):
@@ -109,12 +132,14 @@ class GantryAxis(StandardReadable, Movable[float], Stoppable):
         stop: Callable[[bool], Awaitable[None]],
         is_mock: Callable[[], bool],
         speed: float,
+        motions: _Motions,
         name: str = "",
     ) -> None:
         self._axis = axis
         self._move = move
         self._stop = stop
         self._is_mock = is_mock
+        self._motions = motions
         with self.add_children_as_readables(StandardReadableFormat.HINTED_SIGNAL):
             self.readback, self._set_readback = soft_signal_r_and_setter(
                 float, 0.0, units="mm", precision=2
@@ -128,8 +153,13 @@ class GantryAxis(StandardReadable, Movable[float], Stoppable):
         super().set_name(name, child_name_separator=child_name_separator)
         self.readback.set_name(name)  # events show "robot-x", like an ophyd-async motor
 
-    @WatchableAsyncStatus.wrap
-    async def set(self, value: float) -> AsyncIterator[WatcherUpdate[float]]:
+    def set(self, value: float) -> WatchableAsyncStatus[float]:
+        # The stop generation is taken now: a stop() before the task runs must win.
+        status = WatchableAsyncStatus(self._do_set(value, self._motions.generation), name=self.name)
+        self._motions.track(status)
+        return status
+
+    async def _do_set(self, value: float, generation: int) -> AsyncIterator[WatcherUpdate[float]]:
         value = float(value)
         initial = await self.readback.get_value()
         self._set_setpoint(value)
@@ -140,7 +170,7 @@ class GantryAxis(StandardReadable, Movable[float], Stoppable):
         speed = await self.velocity.get_value()
         try:
             async for pos in self._move(
-                {self._axis: value}, speed, f"move {self.name} to {value:g} mm"
+                {self._axis: value}, speed, f"move {self.name} to {value:g} mm", generation
             ):
                 yield WatcherUpdate(
                     current=pos[self._axis],
@@ -168,14 +198,16 @@ class Gripper(StandardReadable, Movable[str], Stoppable):
 
     def __init__(
         self,
-        actuate: Callable[[bool, str], Awaitable[bool]],
+        actuate: Callable[[bool, str, int], Awaitable[bool]],
         stop: Callable[[bool], Awaitable[None]],
         is_mock: Callable[[], bool],
+        motions: _Motions,
         name: str = "",
     ) -> None:
         self._actuate = actuate
         self._stop = stop
         self._is_mock = is_mock
+        self._motions = motions
         with self.add_children_as_readables(StandardReadableFormat.HINTED_SIGNAL):
             self.state, self._set_state = soft_signal_r_and_setter(str, "open")
         with self.add_children_as_readables():
@@ -186,32 +218,46 @@ class Gripper(StandardReadable, Movable[str], Stoppable):
         super().set_name(name, child_name_separator=child_name_separator)
         self.state.set_name(name)
 
-    @AsyncStatus.wrap
-    async def set(self, value: str) -> None:
+    def set(self, value: str) -> AsyncStatus[None]:
+        status = AsyncStatus(self._do_set(value, self._motions.generation), name=self.name)
+        self._motions.track(status)
+        return status
+
+    async def _do_set(self, value: str, generation: int) -> None:
         if value not in GRIPPER_STATES:
             raise LimitError(f"{self.name}: value must be 'open' or 'closed', got {value!r}")
         if self._is_mock():
             self._set_state(value)
             return
-        await self._actuate(value == "closed", f"{self.name} -> {value}")
+        try:
+            await self._actuate(value == "closed", f"{self.name} -> {value}", generation)
+        except MotionStoppedError as exc:
+            if not exc.success:
+                raise
 
     async def stop(self, success: bool = True) -> None:
         await self._stop(success)
 
 
 class Transfer(StandardReadable, Movable[tuple[str, str]], Stoppable):
-    """Move a vial: ``set(("rack/1", "balance"))`` completes once it sits at the destination."""
+    """Move a vial: ``set(("rack/1", "balance"))`` completes once it sits at the destination.
+
+    After ``stop(success=True)`` the status completes without error but the transfer is
+    not done: ``last`` and ``completed`` are left alone, and the vial may be in the jaws.
+    """
 
     def __init__(
         self,
-        transfer: Callable[[str, str], Awaitable[None]],
+        transfer: Callable[[str, str, int], Awaitable[None]],
         stop: Callable[[bool], Awaitable[None]],
         is_mock: Callable[[], bool],
+        motions: _Motions,
         name: str = "",
     ) -> None:
         self._transfer = transfer
         self._stop = stop
         self._is_mock = is_mock
+        self._motions = motions
         self.mock_calls: list[tuple[str, str]] = []
         with self.add_children_as_readables(StandardReadableFormat.HINTED_SIGNAL):
             self.last, self._set_last = soft_signal_r_and_setter(str, "")
@@ -219,13 +265,22 @@ class Transfer(StandardReadable, Movable[tuple[str, str]], Stoppable):
             self.completed, self._set_completed = soft_signal_r_and_setter(int, 0)
         super().__init__(name=name)
 
-    @AsyncStatus.wrap
-    async def set(self, value: tuple[str, str]) -> None:
+    def set(self, value: tuple[str, str]) -> AsyncStatus[None]:
+        status = AsyncStatus(self._do_set(value, self._motions.generation), name=self.name)
+        self._motions.track(status)
+        return status
+
+    async def _do_set(self, value: tuple[str, str], generation: int) -> None:
         if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
             raise LimitError(f"{self.name}: value must be (source, destination), got {value!r}")
         source, destination = (str(v) for v in value)
         if not self._is_mock():
-            await self._transfer(source, destination)
+            try:
+                await self._transfer(source, destination, generation)
+            except MotionStoppedError as exc:
+                if not exc.success:
+                    raise
+                return  # halted part way (bluesky pause/suspend): not a completed transfer
         else:
             self.mock_calls.append((source, destination))
         self._set_last(f"{source} -> {destination}")
@@ -278,15 +333,14 @@ class Gantry(SerialInstrument, Stoppable):
         self.steps_per_mm: dict[str, float] = {"X": 80.0, "Y": 80.0, "Z": 400.0}
         self._line = 0
         self._resync = False
-        self._stop_gen = 0
-        self._stop_success = True
-        self._busy = 0
+        self._motions = _Motions()
+        motions, mock = self._motions, lambda: self.is_mock
         with self.add_children_as_readables():
-            self.x = GantryAxis("X", self._motion, self.stop, lambda: self.is_mock, xy_speed)
-            self.y = GantryAxis("Y", self._motion, self.stop, lambda: self.is_mock, xy_speed)
-            self.z = GantryAxis("Z", self._motion, self.stop, lambda: self.is_mock, z_speed)
-            self.gripper = Gripper(self._actuate, self.stop, lambda: self.is_mock)
-            self.transfer = Transfer(self._transfer_vial, self.stop, lambda: self.is_mock)
+            self.x = GantryAxis("X", self._motion, self.stop, mock, xy_speed, motions)
+            self.y = GantryAxis("Y", self._motion, self.stop, mock, xy_speed, motions)
+            self.z = GantryAxis("Z", self._motion, self.stop, mock, z_speed, motions)
+            self.gripper = Gripper(self._actuate, self.stop, mock, motions)
+            self.transfer = Transfer(self._transfer_vial, self.stop, mock, motions)
         with self.add_children_as_readables(StandardReadableFormat.CONFIG_SIGNAL):
             self.firmware, self._set_firmware = soft_signal_r_and_setter(str, "")
             self.homed, self._set_homed = soft_signal_r_and_setter(bool, False)
@@ -331,13 +385,25 @@ class Gantry(SerialInstrument, Stoppable):
         self._resync = False
 
     async def _send(
-        self, command: str, *, timeout: float | None = None, context: str = ""
+        self,
+        command: str,
+        *,
+        timeout: float | None = None,
+        context: str = "",
+        generation: int | None = None,
     ) -> gcode.Reply:
-        """Send one numbered line and decode its reply; errors get ``context`` prefixed."""
+        """Send one numbered line and decode its reply; errors get ``context`` prefixed.
+
+        With ``generation``, a stop() since then raises :class:`MotionStoppedError`
+        instead of sending: checked after any resync and with no await before the line
+        is taken, so a stop() that comes later queues its ``M410`` behind this command.
+        """
         try:
             for attempt in (1, 2):
                 if self._resync:
                     await self._resync_lines()
+                if generation is not None:
+                    self._check_stop(generation, context)
                 self._line += 1
                 n = self._line
                 raw = await self._exchange(command, n, timeout)
@@ -439,45 +505,49 @@ class Gantry(SerialInstrument, Stoppable):
 
     # -- motion ---------------------------------------------------------------------
     def _check_stop(self, generation: int, context: str) -> None:
-        if self._stop_gen != generation:
+        if self._motions.generation != generation:
             raise MotionStoppedError(
-                f"{context}: stopped", instrument=self.name, success=self._stop_success
+                f"{context}: stopped", instrument=self.name, success=self._motions.success
             )
 
     async def _motion(
-        self, target: dict[str, float], speed: float, context: str, generation: int | None = None
+        self, target: dict[str, float], speed: float, context: str, generation: int
     ) -> AsyncIterator[dict[str, float]]:
-        """G1 to ``target``; yields positions while moving; returns once it is there."""
-        gen = self._stop_gen if generation is None else generation
-        self._check_stop(gen, context)
+        """G1 to ``target``; yields positions while moving; returns once it is there.
+
+        ``generation`` is the stop generation the motion was asked under: a stop() since
+        then ends it (before ``G1`` if it is not sent yet) with :class:`MotionStoppedError`.
+        """
+        self._check_stop(generation, context)
         start = {a: await d.readback.get_value() for a, d in self._axes.items()}
         command = gcode.format_move(
             x=target.get("X"), y=target.get("Y"), z=target.get("Z"), feedrate_mm_s=speed
         )
-        self._busy += 1
-        try:
-            await self._send(command, context=context)
-            distance = math.dist([start[a] for a in target], list(target.values()))
-            deadline = time.monotonic() + self.transport.timeout + 3.0 * distance / speed + 2.0
-            while True:
-                pos = await self._position(context)
-                yield self._show_position(pos)
-                self._check_stop(gen, context)
-                if pos.settled(self.steps_per_mm):
-                    break
-                if time.monotonic() > deadline:
-                    raise DeviceTimeoutError(
-                        f"{context}: still moving after {time.monotonic() - deadline:.1f} s "
-                        "past the expected end",
-                        instrument=self.name,
-                        command=command.encode(),
-                        raw=gcode.format_position(pos),
-                    )
-                await asyncio.sleep(self.poll_period)
-            await self._send("M400", context=context)
-            yield self._show_position(await self._position(context))
-        finally:
-            self._busy -= 1
+        await self._send(command, context=context, generation=generation)
+        distance = math.dist([start[a] for a in target], list(target.values()))
+        deadline = time.monotonic() + self.transport.timeout + 3.0 * distance / speed + 2.0
+        while True:
+            pos = await self._position(context)
+            yield self._show_position(pos)
+            if self._motions.generation != generation:
+                # That poll may have been answered before stop()'s M410: read again (it
+                # queues behind the M410) so the readback shows where the axes stopped.
+                with contextlib.suppress(InstrumentError):
+                    yield self._show_position(await self._position(context))
+                self._check_stop(generation, context)
+            if pos.settled(self.steps_per_mm):
+                break
+            if time.monotonic() > deadline:
+                raise DeviceTimeoutError(
+                    f"{context}: still moving after {time.monotonic() - deadline:.1f} s "
+                    "past the expected end",
+                    instrument=self.name,
+                    command=command.encode(),
+                    raw=gcode.format_position(pos),
+                )
+            await asyncio.sleep(self.poll_period)
+        await self._send("M400", context=context)
+        yield self._show_position(await self._position(context))
 
     async def _move(
         self, target: dict[str, float], speed: float, context: str, generation: int
@@ -485,18 +555,17 @@ class Gantry(SerialInstrument, Stoppable):
         async for _ in self._motion(target, speed, context, generation):
             pass
 
-    async def _actuate(self, close: bool, context: str) -> bool:
+    async def _actuate(self, close: bool, context: str, generation: int) -> bool:
         """Open or close the jaws (after the axes stop); returns the vial-presence switch."""
-        self._busy += 1
-        try:
-            await self._send("M400", context=context)  # M280 does not wait for the planner
-            angle = self.closed_angle if close else self.open_angle
-            await self._send(gcode.format_servo(self.servo, angle), context=context)
-            self.gripper._set_state("closed" if close else "open")
-            holding, _ = await self._holding(context)
-            return holding
-        finally:
-            self._busy -= 1
+        self._check_stop(generation, context)
+        await self._send("M400", context=context)  # M280 does not wait for the planner
+        angle = self.closed_angle if close else self.open_angle
+        await self._send(
+            gcode.format_servo(self.servo, angle), context=context, generation=generation
+        )
+        self.gripper._set_state("closed" if close else "open")
+        holding, _ = await self._holding(context)
+        return holding
 
     async def _home(self) -> None:
         reply = await self._send(gcode.format_home(), timeout=self.home_timeout, context="home")
@@ -504,80 +573,79 @@ class Gantry(SerialInstrument, Stoppable):
         self._set_homed(True)
 
     async def stop(self, success: bool = True) -> None:
-        """Quickstop (``M410``) whatever is moving; a running set() or transfer ends."""
-        self._stop_success = success
-        self._stop_gen += 1
-        if self.is_mock or not self._busy:
-            return  # idempotent: the RunEngine stops every touched movable after a run
+        """Quickstop (``M410``) whatever is moving; a pending or running set() ends.
+
+        ``success=True`` ends those statuses without error, ``success=False`` with
+        :class:`MotionStoppedError`. With nothing pending or moving only the generation
+        moves on: the RunEngine stops every touched movable after each plan.
+        """
+        self._motions.success = success
+        self._motions.generation += 1  # first, synchronously: no G1/M280 goes out after this
+        if self.is_mock or not self._motions.active:
+            return
         await self._send("M410", context="stop")
 
     async def emergency_stop(self) -> None:
         """``M112``: kill the firmware. A real board then needs a reset and homing."""
-        self._stop_success = False
-        self._stop_gen += 1
+        self._motions.success = False
+        self._motions.generation += 1
         with contextlib.suppress(gcode.FirmwareHaltedError):  # the expected answer
             await self._send("M112", context="emergency stop")
         self._set_homed(False)
 
     # -- transfer ---------------------------------------------------------------------
-    async def _transfer_vial(self, source: str, destination: str) -> None:
+    async def _transfer_vial(self, source: str, destination: str, gen: int) -> None:
+        """The whole pick and place; ``gen`` is the stop generation ``set()`` was called in."""
         where = f"transfer {source} -> {destination}"
         sx, sy, sz = self.station(source)
         dx, dy, dz = self.station(destination)
         if source == destination:
             raise LimitError(f"{where}: source and destination are the same", instrument=self.name)
-        gen = self._stop_gen
+        self._check_stop(gen, where)
         xy, zs = await self.x.velocity.get_value(), await self.z.velocity.get_value()
-        self._busy += 1
+        self._show_position(await self._position(where))  # start from where it really is
+        holding, raw = await self._holding(where)
+        if holding:
+            raise GripError(
+                f"{where}: the gripper already holds a vial; place it first",
+                instrument=self.name,
+                raw=raw,
+            )
+        if await self.z.readback.get_value() < self.safe_z - 0.01:
+            await self._move({"Z": self.safe_z}, zs, f"{where}: lift to safe height", gen)
+        if await self.gripper.state.get_value() != "open":
+            await self._actuate(False, f"{where}: open the gripper", gen)
+        await self._move({"X": sx, "Y": sy}, xy, f"{where}: travel over {source}", gen)
+        await self._move({"Z": sz}, zs, f"{where}: descend to {source}", gen)
+        if not await self._actuate(True, f"{where}: grip at {source}", gen):
+            _, raw = await self._holding(where)
+            recovery = await self._back_off(gen, where)
+            raise GripError(
+                f"{where}: gripper closed on nothing at {source!r} (X{sx:g} Y{sy:g} "
+                f"Z{sz:g}): no vial there{recovery}",
+                instrument=self.name,
+                raw=raw,
+            )
+        await self._move({"Z": self.safe_z}, zs, f"{where}: lift from {source}", gen)
+        await self._move({"X": dx, "Y": dy}, xy, f"{where}: travel over {destination}", gen)
         try:
-            self._show_position(await self._position(where))  # start from where it really is
-            holding, raw = await self._holding(where)
-            if holding:
-                raise GripError(
-                    f"{where}: the gripper already holds a vial; place it first",
-                    instrument=self.name,
-                    raw=raw,
-                )
-            if await self.z.readback.get_value() < self.safe_z - 0.01:
-                await self._move({"Z": self.safe_z}, zs, f"{where}: lift to safe height", gen)
-            if await self.gripper.state.get_value() != "open":
-                self._check_stop(gen, where)
-                await self._actuate(False, f"{where}: open the gripper")
-            await self._move({"X": sx, "Y": sy}, xy, f"{where}: travel over {source}", gen)
-            await self._move({"Z": sz}, zs, f"{where}: descend to {source}", gen)
-            self._check_stop(gen, where)
-            if not await self._actuate(True, f"{where}: grip at {source}"):
-                _, raw = await self._holding(where)
-                recovery = await self._back_off(gen, where)
-                raise GripError(
-                    f"{where}: gripper closed on nothing at {source!r} (X{sx:g} Y{sy:g} "
-                    f"Z{sz:g}): no vial there{recovery}",
-                    instrument=self.name,
-                    raw=raw,
-                )
-            await self._move({"Z": self.safe_z}, zs, f"{where}: lift from {source}", gen)
-            await self._move({"X": dx, "Y": dy}, xy, f"{where}: travel over {destination}", gen)
-            try:
-                await self._move({"Z": dz}, zs, f"{where}: lower onto {destination}", gen)
-            except gcode.CollisionError as exc:
-                _annotate(exc, f"the vial is still held at safe height over {destination!r}")
-                raise
-            self._check_stop(gen, where)
-            if await self._actuate(False, f"{where}: release at {destination}"):
-                _, raw = await self._holding(where)
-                raise GripError(
-                    f"{where}: the vial did not come free at {destination!r}",
-                    instrument=self.name,
-                    raw=raw,
-                )
-            await self._move({"Z": self.safe_z}, zs, f"{where}: lift from {destination}", gen)
-        finally:
-            self._busy -= 1
+            await self._move({"Z": dz}, zs, f"{where}: lower onto {destination}", gen)
+        except gcode.CollisionError as exc:
+            _annotate(exc, f"the vial is still held at safe height over {destination!r}")
+            raise
+        if await self._actuate(False, f"{where}: release at {destination}", gen):
+            _, raw = await self._holding(where)
+            raise GripError(
+                f"{where}: the vial did not come free at {destination!r}",
+                instrument=self.name,
+                raw=raw,
+            )
+        await self._move({"Z": self.safe_z}, zs, f"{where}: lift from {destination}", gen)
 
     async def _back_off(self, gen: int, where: str) -> str:
         """After gripping nothing: open and rise again; returns a note if that failed."""
         try:
-            await self._actuate(False, f"{where}: reopen")
+            await self._actuate(False, f"{where}: reopen", gen)
             zs = await self.z.velocity.get_value()
             await self._move({"Z": self.safe_z}, zs, f"{where}: lift", gen)
         except InstrumentError as exc:

@@ -1,10 +1,24 @@
-"""Magnetic hotplate stirrer over IKA NAMUR (RCT digital, C-MAG HS 7, RET control-visc)."""
+"""Magnetic hotplate stirrer over IKA NAMUR (RCT digital, C-MAG HS 7, RET control-visc).
+
+Each regulated quantity (speed, temperature) is a :class:`NamurAxis`: Movable and
+Stoppable. Stopping follows bluesky: ``stop(success=True)`` (pause, suspend) ends a
+move in progress without error, ``stop(success=False)`` with
+:class:`MotionStoppedError`; either switches that function off. A move's stop token is
+made in ``set()`` itself and checked before ``START_x``, so a stop that arrives before
+the function was started wins.
+
+Which sensor the temperature axis waits for depends on the instrument's regulation:
+without a probe an RCT digital regulates its plate (``IN_PV_2``); with a PT 1000 plugged
+in it regulates the medium (``IN_PV_1``). ``Stirrer(..., regulate="probe")`` says so.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from bluesky.protocols import Reading
 from ophyd_async.core import (
@@ -26,6 +40,26 @@ from labctl.devices.protocols import namur
 
 QueryValue = Callable[[bytes, int], Awaitable[float]]
 Write = Callable[[bytes], Awaitable[None]]
+Regulation = Literal["plate", "probe"]
+
+
+class MotionStoppedError(InstrumentError):
+    """A move ended by ``stop(success=False)``, or replaced by a newer ``set()``."""
+
+
+class _Move:
+    """One move's stop token, made synchronously by ``set()``."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.stopped = False
+        self.success = True
+        self.reason = ""
+
+    def stop(self, success: bool, reason: str) -> None:
+        if not self.stopped:
+            self.stopped, self.success, self.reason = True, success, reason
+        self.event.set()
 
 
 class NamurAxis(StandardReadable):
@@ -34,9 +68,10 @@ class NamurAxis(StandardReadable):
     ``set(value)`` writes the setpoint, confirms it by reading it back (NAMUR setters
     have no reply; one lost frame is resent once), switches the function on and
     completes when the actual value is within ``tolerance`` of the target.
-    ``stop()`` acts only while a move is in progress (it cancels the move and switches
-    the function off), so the RunEngine's stop at the end of every plan leaves a
-    stirrer that has reached its setpoint running.
+    ``stop()`` acts only while a move is pending or in progress: it ends the move
+    (without error for ``success=True``, with :class:`MotionStoppedError` otherwise)
+    and switches the function off. So the RunEngine's stop at the end of every plan
+    leaves a stirrer that has reached its setpoint running.
 
     ``read()`` queries the instrument first; ``refresh()`` does so explicitly
     (``readback.get_value()`` alone returns the last value read).
@@ -73,7 +108,7 @@ class NamurAxis(StandardReadable):
         self.move_timeout = move_timeout
         self.poll_period = poll_period
         self._zero_means_off = zero_means_off
-        self._move: AsyncStatus[None] | None = None
+        self._move: _Move | None = None  # the pending or running move, if any
         with self.add_children_as_readables(StandardReadableFormat.HINTED_SIGNAL):
             self.readback, self._set_readback = soft_signal_r_and_setter(
                 float, units=units, precision=1
@@ -126,8 +161,12 @@ class NamurAxis(StandardReadable):
                 instrument=self._instrument(),
             )
 
-    async def write_setpoint(self, value: float) -> float:
-        """``OUT_SP_x value``, confirmed by ``IN_SP_x`` (resent once if the frame was lost)."""
+    async def write_setpoint(self, value: float, move: _Move | None = None) -> float:
+        """``OUT_SP_x value``, confirmed by ``IN_SP_x`` (resent once if the frame was lost).
+
+        With ``move``, a move that was stopped or replaced meanwhile sends nothing more
+        (a newer move's setpoint must not be overwritten by a retry of this one).
+        """
         self.check_limits(value)
         if self._is_mock():
             set_mock_value(self.setpoint, value)
@@ -135,10 +174,14 @@ class NamurAxis(StandardReadable):
         payload = namur.encode_setpoint(self._sp_channel, value)
         got = math.nan
         for _ in range(2):
+            if move is not None and move.stopped:
+                return got
             await self._write_raw(payload)
             got = await self.refresh_setpoint()
             if abs(got - round(value, 1)) < 0.05:
                 return got
+        if move is not None and move.stopped:
+            return got
         raise CommandRejectedError(
             f"{self.name}: setpoint not taken: sent {value:g} {self.units}, instrument still "
             f"reports {got:g} (out of its range, or not in remote mode)",
@@ -157,44 +200,72 @@ class NamurAxis(StandardReadable):
     # -- Movable / Stoppable --------------------------------------------------------
     def set(self, value: float, timeout: float | None = None) -> AsyncStatus[None]:
         """Move to ``value``; the status completes once the actual value is within tolerance."""
-        self.cancel_move()  # a new target replaces the old one, as for a motor
-        self._move = AsyncStatus(self._do_move(float(value), timeout), name=self.name)
-        return self._move
+        # A new target replaces the old one, as for a motor: the old status fails.
+        self._stop_move(success=False, reason="replaced by a new set()")
+        move = self._move = _Move()  # from now on a stop() finds this move and ends it
+        status = AsyncStatus(self._do_move(float(value), timeout, move), name=self.name)
+        status.task.add_done_callback(lambda _: self._forget(move))
+        return status
 
-    async def _do_move(self, value: float, timeout: float | None) -> None:
-        await self.write_setpoint(value)
-        await self.switch(not (self._zero_means_off and value == 0.0))
-        limit = self.move_timeout if timeout is None else timeout
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-        while True:
-            actual = await self.refresh()
-            if abs(actual - value) <= self.tolerance:
-                return
-            if loop.time() >= deadline:
-                raise DeviceTimeoutError(
-                    f"{self.name}: did not reach {value:g} {self.units} within {limit:g} s "
-                    f"(last reading {actual:g} {self.units})",
+    def _forget(self, move: _Move) -> None:
+        if self._move is move:
+            self._move = None
+
+    def _stop_move(self, *, success: bool, reason: str) -> bool:
+        """End the pending or running move, if any; True if there was one."""
+        move, self._move = self._move, None
+        if move is None:
+            return False
+        move.stop(success, reason)
+        return True
+
+    async def _do_move(self, value: float, timeout: float | None, move: _Move) -> None:
+        try:
+            if not move.stopped:
+                await self.write_setpoint(value, move)
+            # Checked with no await before the write takes the line: a stop() from here
+            # on sends its STOP_x after our START_x.
+            if not move.stopped:
+                await self.switch(not (self._zero_means_off and value == 0.0))
+            limit = self.move_timeout if timeout is None else timeout
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + limit
+            while not move.stopped:
+                actual = await self.refresh()
+                if abs(actual - value) <= self.tolerance:
+                    return
+                if loop.time() >= deadline:
+                    raise DeviceTimeoutError(
+                        f"{self.name}: did not reach {value:g} {self.units} within {limit:g} s "
+                        f"(last reading {actual:g} {self.units})",
+                        instrument=self._instrument(),
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(move.event.wait(), self.poll_period)
+            if not move.success:
+                raise MotionStoppedError(
+                    f"{self.name}: move to {value:g} {self.units} {move.reason}",
                     instrument=self._instrument(),
                 )
-            await asyncio.sleep(self.poll_period)
+        finally:
+            self._forget(move)
 
     def cancel_move(self) -> bool:
         """Abandon a move in progress (its status fails); True if there was one."""
-        move, self._move = self._move, None
-        if move is None or move.done:
-            return False
-        move.task.cancel()
-        return True
+        return self._stop_move(success=False, reason="abandoned (cancel_move)")
 
     async def stop(self, success: bool = True) -> None:
-        """Cancel a move in progress and switch this function off; no-op when idle."""
-        if self.cancel_move():
+        """End a pending or running move and switch this function off; no-op when idle.
+
+        ``success=True`` (bluesky's pause/suspend/end of plan) ends the move's status
+        without error, ``success=False`` with :class:`MotionStoppedError`.
+        """
+        if self._stop_move(success=success, reason="stopped"):
             await self.switch(False)
 
-    async def stop_now(self) -> None:
+    async def stop_now(self, success: bool = False) -> None:
         """Switch this function off whether or not a move is in progress."""
-        self.cancel_move()
+        self._stop_move(success=success, reason="stopped")
         await self.switch(False)
 
 
@@ -202,11 +273,14 @@ class Stirrer(SerialInstrument):
     """A magnetic hotplate stirrer over IKA NAMUR.
 
     Movable children: ``speed`` (rpm; readback ``IN_PV_4``) and ``temperature``
-    (hotplate setpoint ``OUT_SP_1``, readback the plate sensor ``IN_PV_2``). Readings:
-    ``<name>-speed``, ``<name>-temperature`` and ``<name>-probe_temperature`` (the
-    PT 1000 in the medium, ``IN_PV_1``). Configuration: ``model`` (``IN_NAME``) and
-    each axis' ``setpoint``. Actions: ``heater_off``, ``motor_off``, ``reset``.
-    ``stop()`` switches heater and motor off.
+    (setpoint ``OUT_SP_1``). ``regulate`` says what the instrument regulates and so what
+    the temperature axis reads back and waits for: ``"plate"`` (default; no probe
+    fitted: the plate sensor ``IN_PV_2``) or ``"probe"`` (a PT 1000 plugged in: the RCT
+    digital then regulates the medium, ``IN_PV_1``). Readings: ``<name>-speed``,
+    ``<name>-temperature`` (that readback) and ``<name>-probe_temperature`` (the PT 1000
+    in the medium, ``IN_PV_1``). Configuration: ``model`` (``IN_NAME``) and each axis'
+    ``setpoint``. Actions: ``heater_off``, ``motor_off``, ``reset``. ``stop()`` switches
+    heater and motor off.
 
     Limits are checked before anything is sent (``LimitError``); a setpoint the
     instrument ignores anyway is reported from the read-back (``CommandRejectedError``).
@@ -225,7 +299,12 @@ class Stirrer(SerialInstrument):
         speed_timeout: float = 60.0,
         temperature_timeout: float = 3600.0,
         poll_period: float = 0.05,
+        regulate: Regulation = "plate",
     ) -> None:
+        readback = {"plate": namur.PLATE_TEMPERATURE, "probe": namur.MEDIUM_TEMPERATURE}
+        if regulate not in readback:
+            raise ValueError(f"regulate: must be 'plate' or 'probe', got {regulate!r}")
+        self.regulate: Regulation = regulate
         self._poll_period = poll_period
         with self.add_children_as_readables():
             self.speed = self._axis(
@@ -239,7 +318,7 @@ class Stirrer(SerialInstrument):
             )
             self.temperature = self._axis(
                 setpoint_channel=namur.MEDIUM_TEMPERATURE,
-                readback_channel=namur.PLATE_TEMPERATURE,
+                readback_channel=readback[regulate],
                 units="degC",
                 tolerance=temperature_tolerance,
                 limits=temperature_limits,
@@ -322,6 +401,6 @@ class Stirrer(SerialInstrument):
         await self.temperature.refresh_setpoint()
 
     async def stop(self, success: bool = True) -> None:
-        """Switch heater and motor off (and abandon any move in progress)."""
-        await self.temperature.stop_now()
-        await self.speed.stop_now()
+        """Switch heater and motor off; moves in progress end as for the axes' stop()."""
+        await self.temperature.stop_now(success)
+        await self.speed.stop_now(success)

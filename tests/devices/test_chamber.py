@@ -48,6 +48,15 @@ class ManualClock(SimClock):
         return self.t
 
 
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` (simulator state, read across threads) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.005)
+
+
 @pytest.fixture
 def sim() -> tuple[ChamberSimulator, ManualClock]:
     clock = ManualClock()
@@ -225,6 +234,39 @@ async def test_sim_is_the_thermal_zone_of_meter_and_cell(sim: Any) -> None:
     assert world.environment_c("rack/2") == 25.0  # the rack is outside the chamber
 
 
+async def test_sim_long_idle_costs_o1_and_sparse_reads_match_dense_ones(sim: Any) -> None:
+    s, clock = sim
+    clock.t = 30 * 86400.0  # a month with the controller off: one exact step
+    assert s.temperature_c() == pytest.approx(25.0)
+    assert s.integration_steps == 1
+    await _ask(s, "SOUR:TEMP 40;:OUTP ON")
+    clock.t += 3600.0  # ramp 7.5 min, then the loop settles
+    assert s.stable
+    after_move = s.integration_steps
+    assert after_move <= 3600  # 1 s steps while ramping and settling, no more
+    clock.t += 30 * 86400.0  # a month holding 40 C: at rest on the setpoint, O(1)
+    assert s.temperature_c() == 40.0
+    assert s.stable
+    assert s.integration_steps - after_move <= 2
+    # Asked every second or once an hour, the chamber follows the same trajectory.
+    clock2 = ManualClock()
+    dense = ChamberSimulator("chamber", LabWorld(clock2, lambda f, m, t: 10.0, ambient_c=25.0))
+    sparse = ChamberSimulator("chamber", LabWorld(clock2, lambda f, m, t: 10.0, ambient_c=25.0))
+    for c in (dense, sparse):
+        await _ask(c, "SOUR:TEMP 60;:OUTP ON")
+    for t in range(1, 3601):
+        clock2.t = float(t)
+        dense.advance()
+    assert sparse.temperature_c() == pytest.approx(dense.temperature_c(), abs=1e-9)
+    assert sparse.stable == dense.stable
+    for c in (dense, sparse):
+        await _ask(c, "OUTP OFF")
+    for t in range(3601, 7201):
+        clock2.t = float(t)
+        dense.advance()
+    assert sparse.temperature_c() == pytest.approx(dense.temperature_c(), abs=1e-9)
+
+
 # -- the device against the simulator through pty and TCP --------------------------------------
 @pytest.fixture
 def lab(transport: str) -> Iterator[LabThread]:
@@ -378,12 +420,81 @@ def test_stop_switches_the_controller_off_and_fails_the_move(
             await status
         return time.monotonic() - t0
 
-    assert call(move_then_stop()) < 0.5
+    assert call(move_then_stop()) < 2.0
     assert not lab_value(tcp_lab, lambda: sim.running)
     hot = lab_value(tcp_lab, sim.temperature_c)
     assert hot > 30.0
     time.sleep(0.5)  # 500 s simulated with the controller off: drifting back to ambient
     assert 25.0 < lab_value(tcp_lab, sim.temperature_c) < hot
+
+
+@pytest.mark.parametrize("success", [False, True])
+def test_a_stop_right_after_set_keeps_the_controller_off(
+    tcp_lab: LabThread, tcp_chamber: TemperatureChamber, call: Callable[..., Any], success: bool
+) -> None:
+    """A stop() before the move task has run must win: no OUTP ON may follow it.
+
+    Even stop(success=True), the RunEngine's end-of-plan call that leaves an *idle*
+    chamber alone, switches off a pending move (and that move then ends without error).
+    """
+    sim = _sim(tcp_lab)
+
+    async def set_and_stop() -> BaseException | None:
+        status = tcp_chamber.set(60.0)
+        await tcp_chamber.stop(success=success)
+        try:
+            await asyncio.wait_for(status, 5.0)
+        except RuntimeError as exc:
+            return exc
+        return None
+
+    exc = call(set_and_stop())
+    assert (exc is None) is success
+    if exc is not None:
+        assert "stopped while moving to 60" in str(exc)
+    time.sleep(0.05)  # 50 s simulated: a controller switched on again would show it
+    assert lab_value(tcp_lab, lambda: (sim.running, sim.setpoint_c)) == (False, 25.0)
+    assert call(tcp_chamber.running.get_value()) is False
+    # With the move over, the end-of-plan stop(success=True) is a no-op again.
+    before = lab_value(tcp_lab, lambda: sim.requests)
+    call(tcp_chamber.stop(success=True))
+    assert lab_value(tcp_lab, lambda: sim.requests) == before
+
+
+def test_a_stop_during_the_setup_of_a_move_wins(
+    tcp_lab: LabThread, tcp_chamber: TemperatureChamber, call: Callable[..., Any]
+) -> None:
+    """stop() while the setpoint message is on the wire: OUTP ON must never follow."""
+    sim = _sim(tcp_lab)
+    handle = sim.handle
+    held = asyncio.Event()  # used on the lab's loop only
+    seen: list[bytes] = []
+
+    async def hold_setpoint(request: bytes) -> bytes | None:
+        seen.append(request)
+        if request.startswith(b"SOUR:TEMP 60"):
+            await held.wait()
+        return await handle(request)
+
+    sim.handle = hold_setpoint  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        status = tcp_chamber.set(60.0)
+        await _until(lambda: any(r.startswith(b"SOUR:TEMP 60") for r in seen))
+        stopping = asyncio.ensure_future(tcp_chamber.stop())
+        await asyncio.sleep(0.05)  # stop() has marked the move and waits for the line
+        tcp_lab.loop.call_soon_threadsafe(held.set)
+        await stopping
+        with pytest.raises(RuntimeError, match="stopped while moving"):
+            await status
+
+    try:
+        call(scenario())
+    finally:
+        sim.handle = handle  # type: ignore[method-assign]
+    assert not any(b"OUTP ON" in r for r in seen)
+    assert any(b"OUTP OFF" in r for r in seen)
+    assert not lab_value(tcp_lab, lambda: sim.running)
 
 
 def test_off_action_and_settle_timeout(
@@ -496,8 +607,9 @@ def test_round_trip_latency(
         return (time.perf_counter() - t0) / 200
 
     latency = call(mean_latency())
+    # A benchmark, printed; asserted only against physical and sanity bounds.
     print(f"\n{lab.transport}: MEAS:TEMP? round trip through the device {latency * 1e3:.2f} ms")
-    assert 0.002 <= latency < 0.05  # the simulated firmware alone takes 2 ms
+    assert 0.002 <= latency < 1.0  # the simulated firmware alone takes 2 ms
 
 
 def test_an_independent_client_pyvisa_speaks_to_the_simulator(tcp_lab: LabThread) -> None:
@@ -530,7 +642,7 @@ def test_an_independent_client_pyvisa_speaks_to_the_simulator(tcp_lab: LabThread
             float(inst.query("MEAS:TEMP?"))
         latency = (time.perf_counter() - t0) / 200
         print(f"\npyvisa-py TCPIP SOCKET: MEAS:TEMP? round trip {latency * 1e3:.2f} ms")
-        assert 0.002 <= latency < 0.05
+        assert 0.002 <= latency < 1.0  # a benchmark: a sanity bound only
         inst.close()
     finally:
         rm.close()

@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import bluesky.plan_stubs as bps
 import bluesky.plans as bp
+import numpy as np
 import pytest
 from bluesky import RunEngine
-from bluesky.utils import FailedStatus
+from bluesky.utils import FailedStatus, RunEngineInterrupted
 from ophyd_async.core import WatchableAsyncStatus, init_devices, set_mock_value
 from ophyd_async.testing import assert_reading
 
+from hardware_mocks.clock import SimClock
 from hardware_mocks.faults import Fault
 from hardware_mocks.instruments.cycler import CyclerSimulator
 from hardware_mocks.lab import LabThread
+from hardware_mocks.physics.electrolyte import landesfeind_blend
+from hardware_mocks.world import LabWorld
 from labctl.devices.cycler import (
     BatteryCycler,
     CyclerChannel,
     EndTest,
     SequenceAbortedError,
+    SequenceError,
     SequenceFailedError,
     Step,
 )
@@ -38,6 +45,15 @@ from labctl.devices.protocols import bt2200
 from tests.conftest import start_lab
 
 SPEED = 2000.0
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` (simulator state, read across threads) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -129,7 +145,9 @@ def test_count_while_a_cc_discharge_runs(
     cycler: BatteryCycler, RE: RunEngine, call: Callable[..., Any]
 ) -> None:
     ch = cycler.channels[1]
-    status, _ = _start(call, ch, [Step.discharge(2.0, 2.5, 3600)])
+    # 0.5 A: the half-full cell stays far from the cut-off for hours of simulated time
+    # (seconds of wall time), however late the count below comes on a loaded machine.
+    status, _ = _start(call, ch, [Step.discharge(0.5, 2.5, 36000)])
     _wait_running(call, ch)
     docs: list[dict[str, Any]] = []
     RE(
@@ -139,14 +157,14 @@ def test_count_while_a_cc_discharge_runs(
     data = [d["data"] for d in docs]
     assert len(data) == 3
     for d in data:
-        assert d["cycler-channels-1-current"] == pytest.approx(2.0, abs=0.005)  # discharge > 0
+        assert d["cycler-channels-1-current"] == pytest.approx(0.5, abs=0.005)  # discharge > 0
         assert d["cycler-channels-1-state"] == "RUNNING"
         assert d["cycler-channels-1-step"] == 1
         assert 3.0 < d["cycler-channels-1-voltage"] < 3.75
     # The cell discharges while we watch: voltage falls, step capacity rises.
     assert data[-1]["cycler-channels-1-capacity_ah"] > data[0]["cycler-channels-1-capacity_ah"]
     assert data[-1]["cycler-channels-1-voltage"] < data[0]["cycler-channels-1-voltage"]
-    call(ch.stop())
+    call(ch.stop(success=False))
     with pytest.raises(SequenceAbortedError):
         _wait(call, status)
 
@@ -191,21 +209,169 @@ def test_charge_rest_discharge_runs_to_completion(
     assert call(ch.fetch_log()) == []  # rows are delivered once
 
 
-def test_stop_turns_the_output_off(cycler: BatteryCycler, call: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("success", [True, False])
+def test_stop_turns_the_output_off(
+    cycler: BatteryCycler, call: Callable[..., Any], success: bool
+) -> None:
     ch = cycler.channels[1]
     status, _ = _start(call, ch, [Step.charge(3.0, 4.2, 36000)])
     st = _wait_running(call, ch)
     assert st.current_a == pytest.approx(-3.0, abs=0.005)  # charging: negative
-    call(ch.stop())
+    call(ch.stop(success=success))
     raw = call(cycler.ask(bt2200.encode_measure("current", [ch.cell]), bt2200.EXPECT_NUMBERS))
     assert bt2200.decode_currents(raw, 1) == [0.0]
     assert call(ch.current.get_value()) == 0.0
     assert call(ch.state.get_value()) == "IDLE"
     assert call(ch.result.get_value()) == "ABORTED"
-    with pytest.raises(SequenceAbortedError, match="aborted"):
+    # bluesky: stop(success=True) (pause, suspend) ends the status without error, halted;
+    # stop(success=False) fails it.
+    if success:
         _wait(call, status)
-    assert status.done
-    assert not status.success
+        assert status.success
+    else:
+        with pytest.raises(SequenceAbortedError, match="aborted by stop"):
+            _wait(call, status)
+        assert status.done
+        assert not status.success
+
+
+@pytest.mark.parametrize("success", [True, False])
+def test_a_stop_right_after_run_sequence_means_it_never_starts(
+    lab: LabThread, cycler: BatteryCycler, call: Callable[..., Any], success: bool
+) -> None:
+    ch = cycler.channels[3]
+
+    async def start_and_stop() -> BaseException | None:
+        status = ch.run_sequence([Step.discharge(2.0, 2.5, 3600)])
+        await ch.stop(success=success)  # before the status task has sent anything
+        try:
+            await status
+        except SequenceAbortedError as exc:
+            return exc
+        return None
+
+    exc = call(start_and_stop())
+    assert (exc is None) is success
+    sim = _sim(lab)
+    # Never initiated: no sequence number, no result, no current.
+    assert lab.call(lambda: (bool(sim.running[2]), int(sim.seq_no[2]), int(sim.result[2]))) == (
+        False,
+        0,
+        0,
+    )
+    assert call(ch.status()).result == "NONE"
+
+
+def test_a_stop_while_the_sequence_is_being_defined_wins(
+    tcp_lab: LabThread, tcp_cycler: BatteryCycler, call: Callable[..., Any]
+) -> None:
+    """stop() while CELL:ENAB is on the wire: CELL:INIT must never follow it."""
+    sim = _sim(tcp_lab)
+    handle = sim.handle
+    held = asyncio.Event()  # belongs to the lab's loop (only used there)
+    seen: list[bytes] = []
+
+    async def hold_enable(request: bytes) -> bytes | None:
+        seen.append(request)
+        if b"CELL:ENAB" in request:
+            await held.wait()  # the reply to ENAB waits until the test lets it go
+        return await handle(request)
+
+    sim.handle = hold_enable  # type: ignore[method-assign]
+    ch = tcp_cycler.channels[2]
+
+    async def scenario() -> None:
+        status = ch.run_sequence([Step.discharge(2.0, 2.5, 3600)])
+        await _until(lambda: any(b"CELL:ENAB" in r for r in seen))
+        stopping = asyncio.ensure_future(ch.stop())
+        await asyncio.sleep(0.05)  # stop() has marked the run and waits for the line
+        tcp_lab.loop.call_soon_threadsafe(held.set)
+        await stopping
+        await status  # stop(success=True): ends without error
+
+    try:
+        call(scenario())
+    finally:
+        sim.handle = handle  # type: ignore[method-assign]
+    assert not any(b"CELL:INIT" in r for r in seen)
+    assert any(b"CELL:ABOR" in r for r in seen)
+    assert tcp_lab.call(lambda: (bool(sim.running[1]), int(sim.seq_no[1]))) == (False, 0)
+
+
+def test_a_sequence_that_ends_without_a_result_fails(
+    tcp_lab: LabThread, tcp_cycler: BatteryCycler, call: Callable[..., Any]
+) -> None:
+    """Another client's *RST (and redefinition of the cell) ends the sequence with result
+    NONE: that is no success."""
+    ch = tcp_cycler.channels[4]
+    status, _ = _start(call, ch, [Step.rest(36000)])
+    for _ in range(200):
+        if call(ch.status()).running:
+            break
+    sim = _sim(tcp_lab)
+    reset = sim.handle(b"*RST;:CELL:DEF 1004,(@104)")
+    asyncio.run_coroutine_threadsafe(reset, tcp_lab.loop).result(10)
+    with pytest.raises(SequenceError, match="without a result") as info:
+        _wait(call, status)
+    assert not isinstance(info.value, SequenceFailedError | SequenceAbortedError)
+    assert info.value.status.result == "NONE"
+
+
+def test_an_error_check_never_reads_another_channels_error(
+    tcp_lab: LabThread, tcp_cycler: BatteryCycler, call: Callable[..., Any]
+) -> None:
+    """A busy (not-a-number) answer and its SYST:ERR? stay together on the line.
+
+    Channel 1's voltage query is answered busy (-200 queued); channel 2's setter, waiting
+    for the line, queues -222. Each must get its own error, not the other's.
+    """
+    _sim(tcp_lab).faults.inject("busy")
+    bad_step = b"SEQ:STEP:DEF 2,1,CHARGE,60,10,4.2\n"  # 10 A: above the 6.25 A rating
+
+    async def both() -> list[BaseException | None]:
+        query = asyncio.ensure_future(tcp_cycler.channels[1].measure_voltage())
+        setter = asyncio.ensure_future(tcp_cycler.send(bad_step))
+        results = await asyncio.gather(query, setter, return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+    busy, rejected = call(both())
+    assert isinstance(busy, InstrumentBusyError)
+    assert "-200" in str(busy)
+    assert busy.raw == b"9.91E+37\n"
+    assert isinstance(rejected, CommandRejectedError)
+    assert not isinstance(rejected, InstrumentBusyError)
+    assert "-222" in str(rejected)
+    assert "current 10 A" in str(rejected)
+
+
+def test_pause_and_resume_rerun_the_sequence(
+    tcp_lab: LabThread, tcp_cycler: BatteryCycler, RE: RunEngine
+) -> None:
+    """bluesky's pause stops movables with success=True: the run pauses (it does not
+    fail), and resume re-runs the sequence from the checkpoint to completion."""
+    ch, sim = tcp_cycler.channels[1], _sim(tcp_lab)
+
+    def plan() -> Any:
+        yield from bps.checkpoint()
+        # 1.8 s of wall time: the pause surely lands while it runs.
+        yield from bps.abs_set(ch, [Step.rest(3600), Step.charge(1.0, 4.2, 60)], wait=True)
+
+    def pause_once_running() -> None:
+        deadline = time.monotonic() + 10.0
+        while not tcp_lab.call(lambda: bool(sim.running[0])) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        RE.request_pause()  # type: ignore[no-untyped-call]
+
+    pauser = threading.Thread(target=pause_once_running)
+    pauser.start()
+    with pytest.raises(RunEngineInterrupted):
+        RE(plan())
+    pauser.join()
+    assert RE.state == "paused"
+    assert tcp_lab.call(lambda: (bool(sim.running[0]), int(sim.result[0]))) == (False, 4)
+    result = RE.resume()  # type: ignore[no-untyped-call]
+    assert result.exit_status == "success"
+    assert tcp_lab.call(lambda: (int(sim.result[0]), int(sim.step_no[0]))) == (2, 2)  # OK
 
 
 def test_limits_are_rejected_by_the_instrument_with_222(
@@ -382,6 +548,74 @@ async def test_mock_mode_needs_no_hardware() -> None:
     assert await ch.fetch_log() == []
     with pytest.raises(ValueError, match="steps"):
         ch.run_sequence([])
+
+
+class _ManualClock(SimClock):
+    """A clock that only moves when told (simulator-level tests, no wire)."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0)
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+
+async def _bare_cycler(*setup: bytes) -> tuple[CyclerSimulator, _ManualClock]:
+    clock = _ManualClock()
+    sim = CyclerSimulator("cycler", LabWorld(clock, landesfeind_blend))
+    for command in (b"CELL:DEF:QUIC 1", *setup):
+        await sim.handle(command)
+    assert sim.errors == []
+    return sim, clock
+
+
+async def test_sim_idle_and_resting_channels_cost_no_steps_of_their_own() -> None:
+    rest = (b"SEQ:STEP:DEF 1,1,REST,3600", b"CELL:ENAB (@1001),1")
+    sim, clock = await _bare_cycler(*rest)
+    try:
+        clock.t = 86400.0  # a day with every channel idle: one exact step
+        sim.advance()
+        assert sim.integration_steps == 1
+        await sim.handle(b"CELL:INIT (@1001)")
+        before = sim.integration_steps
+        clock.t += 3600.0  # an hour of rest on one channel: from log row to log row
+        sim.advance()
+        assert sim.integration_steps - before <= 3600 / sim.log_period_s + 2
+        assert (int(sim.result[0]), int(sim.log_written[0])) == (2, 361)  # OK; 1 s, 10 s, ...
+        # A channel under current costs one step per internal step, idle ones nothing more.
+        await sim.handle(b"SEQ:STEP:DEF 2,1,DISCHARGE,600,1.0,2.5;:CELL:ENAB (@1002),2")
+        await sim.handle(b"CELL:INIT (@1002)")
+        before = sim.integration_steps
+        clock.t += 600.0
+        sim.advance()
+        assert sim.integration_steps - before == 600
+    finally:
+        await sim.close()
+
+
+async def test_sim_rest_jumps_match_one_second_steps() -> None:
+    """The exact jumps over a rest give what stepping every second gives."""
+    steps = b"SEQ:STEP:DEF 1,1,DISCHARGE,600,3.0,2.5;:SEQ:STEP:DEF 1,2,REST,1800"
+    never = b"SEQ:TEST:DEF 1,2,1,VOLT_GE,5.9,NONE,0,NEXT"  # forces 1 s steps, never fires
+    runs = []
+    for extra in ((), (never,)):
+        sim, clock = await _bare_cycler(steps, *extra, b"CELL:ENAB (@1001),1")
+        try:
+            await sim.handle(b"CELL:INIT (@1001)")
+            clock.t = 2500.0
+            sim.advance()
+            runs.append((sim, sim.integration_steps))
+        finally:
+            await sim.close()
+    (jumped, n_jumped), (stepped, n_stepped) = runs
+    assert n_stepped == 2400 + 1  # (the last 100 s, all channels idle, are one step)
+    assert n_jumped <= 600 + 1800 / 10 + 2  # the rest jumped from log row to log row
+    assert jumped.v[0] == pytest.approx(stepped.v[0], abs=1e-6)
+    assert jumped.cells.temp_c[0] == pytest.approx(stepped.cells.temp_c[0], abs=1e-3)
+    assert int(jumped.log_written[0]) == int(stepped.log_written[0])
+    n = int(jumped.log_written[0])
+    np.testing.assert_allclose(jumped.log[0, :n, :3], stepped.log[0, :n, :3], atol=1e-6)
 
 
 def test_pyvisa_client_talks_to_the_simulator(tcp_lab: LabThread) -> None:

@@ -91,6 +91,18 @@ def events(RE: RunEngine, plan: Any) -> list[dict[str, Any]]:
     return [d["data"] for d in docs]
 
 
+def _sim_sleep(lab: LabThread, seconds: float) -> None:
+    """Wait until ``seconds`` of *simulated* time have passed (whatever the machine load)."""
+    end = lab.call(lab.world.clock.now) + seconds
+    while lab.call(lab.world.clock.now) < end:
+        time.sleep(0.002)
+
+
+def _set_speed(lab: LabThread, speed: float) -> None:
+    """Change the lab clock's speed from now on, without a jump in simulated time."""
+    lab.call(lab.world.clock.set_speed, speed)
+
+
 def test_identify_reads_system_and_configuration(
     meter: ConductivityMeter, call: Callable[..., Any]
 ) -> None:
@@ -148,7 +160,7 @@ def test_too_little_liquid_reads_low_and_never_settles(
     opened.append(meter)
     vial = make_electrolyte(lab, ("LiPF6-EC", 1.0))  # 1 mL; the cell needs ~3 mL
     place(lab, "meter")
-    time.sleep(30 / SPEED)
+    _sim_sleep(lab, 30.0)
     (data,) = events(RE, bp.count([meter]))
     expected, _ = truth(lab, vial)
     assert data["meter-stable"] is False
@@ -167,10 +179,13 @@ def test_a_warm_vial_reads_unstable_until_it_cools(
         vial = make_electrolyte(lab, ("LiPF6-PC", 4.0), ("DMC", 4.0), mixed=False)
         place(lab, "stirrer")
         RE(bps.mv(stirrer.speed, 600, stirrer.temperature, 80))  # mix and heat
-        time.sleep(600 / 2000.0)
+        _sim_sleep(lab, 600.0)  # (longer only warms it further: the vial nears 72 C)
         RE(bps.mv(stirrer.speed, 0))
+        # The timing-critical part runs slowly: the vial cools out of the meter's
+        # stability band ~8 simulated minutes after it arrives, 5 s of wall time here.
+        _set_speed(lab, 100.0)
         lab.call(lambda: (lab.world.pick("stirrer"), lab.world.place("meter")))
-        time.sleep(40 / 2000.0)  # past the probe's settling time
+        _sim_sleep(lab, 40.0)  # past the probe's settling time
         hot, state = truth(lab, vial)
         assert state["temperature_c"] > 50.0
         assert state["mixed"] > 0.999  # the stirrer homogenised it
@@ -181,6 +196,7 @@ def test_a_warm_vial_reads_unstable_until_it_cools(
         assert "not stable" in str(info.value.__cause__)
         assert info.value.__cause__.raw is not None
         assert b"Stabilizing" in info.value.__cause__.raw
+        _set_speed(lab, 2000.0)
         meter.stable_timeout = 10.0
         (data,) = events(RE, bp.count([meter]))
         expected, state = truth(lab, vial)

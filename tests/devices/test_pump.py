@@ -29,6 +29,7 @@ from labctl.devices.errors import (
     ConnectionLostError,
     DeviceTimeoutError,
     InstrumentBusyError,
+    InstrumentError,
     LimitError,
     ProtocolError,
 )
@@ -40,6 +41,15 @@ SPEED = 200.0
 RATE = 5.0  # mL/min: 1 mL takes 12 simulated seconds, 60 ms of wall time at SPEED
 # Delivered/nominal volume spread of the simulator: 0.5 % per syringe, 0.2 % per run.
 SIGMA = math.hypot(0.005, 0.002)
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` (simulator state, read across threads) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -138,25 +148,42 @@ def test_mv_dispenses_into_the_vial_at_the_balance(
 
 
 def test_balance_sees_the_mass_rise_during_a_dispense(
-    lab: LabThread, call: Callable[..., Any], RE: RunEngine
+    transport: str, RE: RunEngine, call: Callable[..., Any]
 ) -> None:
-    _vial_on_balance(lab)
-    pumps = _network(lab, rate_ml_min=1.0)  # 1 mL takes 60 s simulated, 0.3 s of wall time
+    # A slow lab (speed 20): 0.5 mL at 1 mL/min takes 30 s simulated, 1.5 s of wall time,
+    # so a loaded machine still samples the rise many times.
+    lab = start_lab("pump", "balance", transport=transport, speed=20.0)
+    try:
+        _vial_on_balance(lab)
+        pumps = _network(lab, rate_ml_min=1.0)
+        density = _density(lab, "PC")
 
-    async def watch() -> list[float]:
-        samples: list[float] = []
-        status = pumps.pump["PC"].set(1.0)
-        while not status.done:
-            samples.append(_vial_grams(lab).get("PC", 0.0))
-            await asyncio.sleep(0.02)
-        await status
-        return samples
+        def sample() -> tuple[float, float]:
+            vial = lab.world.vial_at("balance")
+            assert vial is not None
+            return lab.world.clock.now(), vial.contents_g.get("PC", 0.0)
 
-    samples = call(watch())
-    final = _vial_grams(lab)["PC"]
-    intermediate = [g for g in samples if 0.05 * final < g < 0.95 * final]
-    assert len(intermediate) >= 3  # the liquid arrived progressively, not at the end
-    assert samples == sorted(samples)
+        async def watch() -> list[tuple[float, float]]:
+            samples: list[tuple[float, float]] = []
+            status = pumps.pump["PC"].set(0.5)
+            while not status.done:
+                samples.append(lab.call(sample))
+                await asyncio.sleep(0.02)
+            await status
+            return samples
+
+        samples = call(watch())
+        final = _vial_grams(lab)["PC"]
+        assert final == pytest.approx(0.5 * density, rel=4 * SIGMA)
+        rising = [(t, g) for t, g in samples if 0.05 * final < g < 0.95 * final]
+        assert len(rising) >= 3  # the liquid arrived progressively, not at the end
+        assert [g for _, g in samples] == sorted(g for _, g in samples)
+        # ... at the pump's rate, in simulated time (1 mL/min, within the volumetric error).
+        (t1, g1), (t2, g2) = rising[0], rising[-1]
+        assert t2 > t1
+        assert (g2 - g1) / density / (t2 - t1) * 60.0 == pytest.approx(1.0, rel=0.05)
+    finally:
+        lab.stop()
 
 
 def test_count_and_scan_read_the_pumps(lab: LabThread, pumps: PumpNetwork, RE: RunEngine) -> None:
@@ -294,31 +321,112 @@ def test_empty_syringe_stalls_then_prime_and_refill(
         call(prime_pc())
 
 
+@pytest.fixture
+def slow_lab() -> Iterator[LabThread]:
+    """Speed 50: a dispense at 0.5 mL/min moves 0.01 mL per wall second (stop tests)."""
+    lab = start_lab("pump", "balance", transport="tcp", speed=50.0)
+    yield lab
+    lab.stop()
+
+
 def test_stop_halts_a_dispense_early(
-    lab: LabThread, RE: RunEngine, call: Callable[..., Any]
+    slow_lab: LabThread, RE: RunEngine, call: Callable[..., Any]
 ) -> None:
-    # 5 mL would take 10 min simulated, 3 s of wall time.
+    lab = slow_lab
+    # 5 mL would take 10 min simulated, 12 s of wall time.
     pumps = _network(lab, rate_ml_min=0.5, contents_ml=10.0)
     _vial_on_balance(lab)
     pump = pumps.pump["EMC"]
+    truth = _sim(lab).pump("EMC")
 
     async def start_then_stop() -> float:
         status = pump.set(5.0)
-        await asyncio.sleep(0.3)
+        # Synchronise on the simulator: stop once liquid is really flowing.
+        await _until(lambda: lab.call(lambda: truth.delivered_true_ml) >= 0.05)
         t0 = time.monotonic()
         await pump.stop()
         await status  # completes (stopped as planned) without delivering everything
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 2.0
         return float(await pump.dispensed.get_value())
 
     delivered = call(start_then_stop())
-    assert 0.1 < delivered < 2.0
+    assert 0.05 < delivered < 2.0
     assert call(pump.contents.get_value()) == pytest.approx(10.0 - delivered)
     assert _sim(lab).pump("EMC").state == "S"
     # Nothing more arrives after the stop.
     grams = _vial_grams(lab)["EMC"]
     time.sleep(0.2)
     assert _vial_grams(lab)["EMC"] == grams
+
+
+@pytest.mark.parametrize("success", [True, False])
+def test_a_stop_right_after_set_means_nothing_is_dispensed(
+    lab: LabThread, pumps: PumpNetwork, call: Callable[..., Any], success: bool
+) -> None:
+    """The RunEngine's stop() on abort/pause may come before the pump was started."""
+    _vial_on_balance(lab)
+    pump = pumps.pump["EC"]
+
+    async def set_and_stop() -> BaseException | None:
+        status = pump.set(2.0)
+        await pump.stop(success=success)  # before the move task has sent anything
+        try:
+            await asyncio.wait_for(status, 5.0)
+        except InstrumentError as exc:
+            return exc
+        return None
+
+    exc = call(set_and_stop())
+    assert (exc is None) is success  # bluesky: success=True ends the move without error
+    if exc is not None:
+        assert "stopped after 0 of 2 mL" in str(exc)
+    time.sleep(0.1)  # were it running, 2 mL at 5 mL/min would be 0.3 mL in by now
+    assert _sim(lab).pump("EC").plunger_ml == 10.0
+    assert _sim(lab).pump("EC").delivered_true_ml == 0.0
+    assert call(pump.dispensed.get_value()) == 0.0
+    assert call(pump.read_dispensed()).infused_ml == 0.0
+    assert _vial_grams(lab).get("EC", 0.0) == 0.0
+
+
+def test_a_stop_while_the_pump_is_being_programmed_wins(
+    lab: LabThread, pumps: PumpNetwork, call: Callable[..., Any]
+) -> None:
+    """stop() while VOL is on the wire: RUN must never follow."""
+    _vial_on_balance(lab)
+    sim = _sim(lab)
+    handle = sim.handle
+    held = asyncio.Event()  # used on the lab's loop only
+    seen: list[bytes] = []
+
+    def is_volume(request: bytes) -> bool:
+        return request.startswith(b"0VOL") and request[4:5].isdigit()  # "0VOL2000" (uL)
+
+    async def hold_volume(request: bytes) -> bytes | None:
+        seen.append(request)
+        if is_volume(request):
+            await held.wait()
+        return await handle(request)
+
+    sim.handle = hold_volume  # type: ignore[method-assign]
+    pump = pumps.pump["EC"]  # address 0
+
+    async def scenario() -> None:
+        status = pump.set(2.0)
+        await _until(lambda: any(is_volume(r) for r in seen))
+        stopping = asyncio.ensure_future(pump.stop())
+        await asyncio.sleep(0.05)  # stop() has been recorded and waits for the line
+        lab.loop.call_soon_threadsafe(held.set)
+        await stopping
+        await status
+
+    try:
+        call(scenario())
+    finally:
+        sim.handle = handle  # type: ignore[method-assign]
+    assert b"0RUN" not in seen
+    assert seen.index(b"0STP") > seen.index(b"0VOL2000")  # the stop came during programming
+    assert sim.pump("EC").plunger_ml == 10.0
+    assert call(pump.dispensed.get_value()) == 0.0
 
 
 def test_out_of_range_rate_is_rejected_by_the_pump(
@@ -462,11 +570,12 @@ def test_round_trip_latency(transport: str, RE: RunEngine, call: Callable[..., A
 
         times = call(measure())
         mean_ms = statistics.fmean(times) * 1e3
+        # A benchmark, printed; asserted only against physical and sanity bounds.
         print(
             f"\nNE-1000 status query round trip via {transport}: mean {mean_ms:.2f} ms, "
             f"p95 {sorted(times)[189] * 1e3:.2f} ms (simulator latency 2 ms)"
         )
-        assert 2.0 < mean_ms < 50.0  # at least the simulated firmware latency, far below timeouts
+        assert 2.0 < mean_ms < 1000.0  # at least the simulated firmware latency
     finally:
         lab.stop()
 

@@ -34,6 +34,15 @@ from tests.conftest import lab_config, start_lab
 SPEED = 200.0  # simulated seconds per wall second
 
 
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` (simulator state, read across threads) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.005)
+
+
 @pytest.fixture
 def lab(transport: str) -> Iterator[LabThread]:
     lab = start_lab("robot", transport=transport, speed=SPEED)
@@ -138,8 +147,9 @@ def test_mv_takes_trapezoid_time_and_reads_back(
     RE(bps.mv(homed.y, 250.5))
     elapsed = lab.world.clock.now() - t0
     # 250.5 mm at 150 mm/s with 1500 mm/s^2: L/v + v/a = 1.77 s of simulated motion; the
-    # status cannot complete before (the rest is polling and RunEngine time, x SPEED).
-    assert 250.5 / 150 + 150 / 1500 <= elapsed < 20.0
+    # status cannot complete before. After it: polling and RunEngine time (x SPEED), which
+    # a loaded machine stretches: only a sanity bound of one wall second.
+    assert 250.5 / 150 + 150 / 1500 <= elapsed < 250.5 / 150 + 150 / 1500 + SPEED * 1.0
     assert call(homed.y.readback.get_value()) == pytest.approx(250.5)
     assert call(homed.y.locate()) == {"setpoint": 250.5, "readback": pytest.approx(250.5)}
     (line,) = call(homed.command("M114"))
@@ -261,16 +271,38 @@ def test_unknown_station_is_refused_before_anything_moves(
 
 
 # -- stopping ------------------------------------------------------------------------------
+def _recording(sim: RobotSimulator) -> tuple[list[bytes], Callable[[], None]]:
+    """Record every request the simulator handles; returns (requests, restore)."""
+    seen: list[bytes] = []
+    handle = sim.handle
+
+    async def record(request: bytes) -> bytes | None:
+        seen.append(request)
+        return await handle(request)
+
+    sim.handle = record  # type: ignore[method-assign]
+
+    def restore() -> None:
+        sim.handle = handle  # type: ignore[method-assign]
+
+    return seen, restore
+
+
+def _moves(requests: list[bytes]) -> list[bytes]:
+    return [r for r in requests if b" G1 " in r or b" M280 P0 S" in r]
+
+
 @pytest.mark.parametrize("success", [False, True])
 def test_stop_quickstops_a_move(
     tcp_lab: LabThread, tcp_robot: Gantry, call: Callable[..., Any], success: bool
 ) -> None:
-    robot = tcp_robot
+    robot, sim = tcp_robot, _sim(tcp_lab)
 
     async def move_and_stop() -> BaseException | None:
-        await robot.x.velocity.set(10.0)  # 500 mm take 50 s simulated, 0.25 s wall
+        await robot.x.velocity.set(1.0)  # 500 mm take 500 s simulated, 2.5 s of wall time
         status = robot.x.set(500.0)
-        await asyncio.sleep(0.08)
+        # Synchronise on the simulator, not on a wall-clock guess: stop once it moves.
+        await _until(lambda: tcp_lab.call(sim.position)[0] >= 10.0)
         await robot.x.stop(success=success)
         try:
             await asyncio.wait_for(status, 5.0)
@@ -278,18 +310,86 @@ def test_stop_quickstops_a_move(
             return exc
         return None
 
-    t0 = time.monotonic()
     exc = call(move_and_stop())
-    assert time.monotonic() - t0 < 2.0
     assert (exc is None) is success
     if exc is not None:
         assert "stopped" in str(exc)
         assert "robot-x" in str(exc)
-    x = _sim(tcp_lab).position()[0]
-    assert 20.0 < x < 480.0  # stopped part way, and it stays there
+    x = tcp_lab.call(sim.position)[0]
+    assert 10.0 <= x < 480.0  # stopped part way, and it stays there
     assert call(robot.x.readback.get_value()) == pytest.approx(x, abs=0.02)
     call(_refresh(robot))
     assert call(robot.x.readback.get_value()) == pytest.approx(x, abs=0.02)
+    assert tcp_lab.call(sim.position)[0] == x
+
+
+@pytest.mark.parametrize("success", [False, True])
+def test_a_stop_right_after_set_means_no_motion(
+    tcp_lab: LabThread, tcp_robot: Gantry, call: Callable[..., Any], success: bool
+) -> None:
+    """stop() before the move task has run: no G1/M280 may go out after it."""
+    robot, sim = tcp_robot, _sim(tcp_lab)
+    start = tcp_lab.call(sim.position)
+    seen, restore = _recording(sim)
+
+    async def set_and_stop(device: Any, value: Any) -> BaseException | None:
+        status = device.set(value)
+        await device.stop(success=success)
+        try:
+            await asyncio.wait_for(status, 5.0)
+        except MotionStoppedError as exc:
+            return exc
+        return None
+
+    try:
+        for device, value in (
+            (robot.x, 500.0),
+            (robot.gripper, "closed"),
+            (robot.transfer, ("rack/1", "balance")),
+        ):
+            exc = call(set_and_stop(device, value))
+            assert (exc is None) is success, device.name
+            if exc is not None:
+                assert "stopped" in str(exc)
+    finally:
+        restore()
+    assert _moves(seen) == []
+    assert tcp_lab.call(sim.position) == start
+    assert sim.servo_angle == 90.0  # jaws still open
+    assert tcp_lab.world.stations["rack/1"] == "V01"
+    assert call(robot.transfer.completed.get_value()) == 0
+    assert call(robot.x.readback.get_value()) == pytest.approx(start[0])
+
+
+@pytest.mark.parametrize("success", [False, True])
+def test_stop_during_a_transfer(
+    tcp_lab: LabThread, tcp_robot: Gantry, call: Callable[..., Any], success: bool
+) -> None:
+    """Pause/suspend (success=True) halts a transfer without failing its status."""
+    robot, sim = tcp_robot, _sim(tcp_lab)
+
+    async def transfer_and_stop() -> BaseException | None:
+        for axis in (robot.x, robot.z):
+            await axis.velocity.set(1.0)  # slow enough to stop it on its way
+        status = robot.transfer.set(("rack/2", "cell"))
+        # (at 150 after homing: travel over rack/2, then descend to it)
+        await _until(lambda: tcp_lab.call(sim.position)[2] <= 115.0)
+        await robot.transfer.stop(success=success)
+        try:
+            await asyncio.wait_for(status, 5.0)
+        except MotionStoppedError as exc:
+            return exc
+        return None
+
+    exc = call(transfer_and_stop())
+    assert (exc is None) is success
+    if exc is not None:
+        assert "transfer rack/2 -> cell" in str(exc)
+    z = tcp_lab.call(sim.position)[2]
+    assert DEFAULT_DECK["rack/2"][2] < z < 115.0  # halted on the way down to rack/2
+    assert call(robot.transfer.completed.get_value()) == 0  # not a completed transfer
+    assert call(robot.transfer.last.get_value()) == ""
+    assert tcp_lab.world.stations["rack/2"] == "V02"
 
 
 def test_emergency_stop_halts_until_reset(
@@ -437,8 +537,9 @@ def test_round_trip_latency(lab: LabThread, robot: Gantry, call: Callable[..., A
 
     times = call(measure(200))
     mean_ms = statistics.fmean(times) * 1e3
+    # A benchmark, not a pass/fail figure: printed; asserted only against a sanity bound.
     print(
         f"\nM114 round trip over {lab.transport}: mean {mean_ms:.2f} ms, "
         f"p95 {sorted(times)[189] * 1e3:.2f} ms (n=200)"
     )
-    assert mean_ms < 50.0
+    assert mean_ms < 1000.0
