@@ -9,12 +9,14 @@ import typer
 
 from labctl.cli.mocks import mocks
 from labctl.cli.plans import plans
+from labctl.cli.runs import runs
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
 )
 app.add_typer(mocks, name="mocks")
 app.add_typer(plans, name="plans")
+app.add_typer(runs, name="runs")
 
 
 @app.command("demo")
