@@ -9,6 +9,7 @@ import typer
 
 from labctl.cli.mocks import mocks
 from labctl.cli.plans import plans
+from labctl.cli.queue import queue
 from labctl.cli.runs import runs
 
 app = typer.Typer(
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(mocks, name="mocks")
 app.add_typer(plans, name="plans")
+app.add_typer(queue, name="queue")
 app.add_typer(runs, name="runs")
 
 

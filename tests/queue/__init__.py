@@ -1,0 +1,1 @@
+"""Tests of remote operation through bluesky-queueserver."""
