@@ -25,6 +25,24 @@ class SimulatedLabError(RuntimeError):
     """The simulated lab did not start (bad config, crash); carries its stderr."""
 
 
+def control_request(url: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """One JSON-lines request to a simulated lab's control port ``tcp://HOST:PORT``."""
+    host, _, port = url.removeprefix("tcp://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as s:
+            s.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+        reply: dict[str, Any] = json.loads(data)
+    except (OSError, ValueError) as exc:
+        raise SimulatedLabError(f"control port {url}: {exc}") from None
+    return reply
+
+
 class SimulatedLabProcess:
     """``with SimulatedLabProcess(speed=200) as lab: lab.records, lab.url("balance")``."""
 
@@ -93,17 +111,7 @@ class SimulatedLabProcess:
 
     def control(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send one request to the lab's control port (faults, ground truth)."""
-        host, port = str(self.records[0]["control"]).removeprefix("tcp://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(1 << 20)
-                if not chunk:
-                    break
-                data += chunk
-        reply: dict[str, Any] = json.loads(data)
-        return reply
+        return control_request(str(self.records[0]["control"]), request)
 
     def stop(self) -> None:
         if self.proc is None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -65,6 +67,15 @@ def opened(call: Callable[..., Any]) -> Iterator[list[Any]]:
 @pytest.fixture(params=["pty", "tcp"])
 def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` (simulator state, read across threads) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.005)
 
 
 def start_lab(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import tomllib
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -33,6 +32,7 @@ from typing import Any, TypeVar
 from bluesky import RunEngine
 from pydantic import ValidationError
 
+from labctl import simlab
 from labctl.devices.lab import LabDevices, build_lab_devices
 from labctl.recipes import Reagent, default_reagents
 
@@ -150,21 +150,11 @@ def load_lab_json(path: str | Path) -> dict[str, Any]:
 
 
 def control_request(url: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """One JSON-lines request to a simulated lab's control port ``tcp://HOST:PORT``."""
-    host, _, port = url.removeprefix("tcp://").rpartition(":")
+    """One request to a simulated lab's control port; failures name the lab source."""
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout) as s:
-            s.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(1 << 20)
-                if not chunk:
-                    break
-                data += chunk
-    except (OSError, ValueError) as exc:
-        raise LabSourceError(f"{url}: {exc}") from None
-    reply: dict[str, Any] = json.loads(data)
-    return reply
+        return simlab.control_request(url, request, timeout)
+    except simlab.SimulatedLabError as exc:
+        raise LabSourceError(str(exc)) from None
 
 
 def connect_lab(
@@ -197,7 +187,6 @@ def open_lab(
     """Start or reach a lab, connect its devices; disconnect (and stop a simulated lab)
     on exit. ``speed`` applies to simulated labs; ``time_scale`` overrides the plans'
     time scale (default: the simulator's speed, 1 for a lab from records)."""
-    from labctl.simlab import SimulatedLabProcess
 
     say = progress or (lambda _text: None)
     engine = RE if RE is not None else RunEngine(call_returns_result=True)
@@ -215,7 +204,7 @@ def open_lab(
             run_speed = speed if speed is not None else speed_cfg
             say(f"starting the simulated lab ({text or 'default config'}, {run_speed:g}x)")
             sim = stack.enter_context(
-                SimulatedLabProcess(config=text, transport=transport, speed=run_speed)
+                simlab.SimulatedLabProcess(config=text, transport=transport, speed=run_speed)
             )
             records = list(sim.records)
             control = sim.control

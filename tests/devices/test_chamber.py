@@ -33,7 +33,7 @@ from labctl.devices.errors import (
     ProtocolError,
 )
 from labctl.devices.protocols import chamber as codec
-from tests.conftest import start_lab
+from tests.conftest import start_lab, until
 
 SPEED = 1000.0  # a 10-minute ramp and settle takes ~0.6 s
 
@@ -46,15 +46,6 @@ class ManualClock(SimClock):
 
     def now(self) -> float:
         return self.t
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` (simulator state, read across threads) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -480,7 +471,7 @@ def test_a_stop_during_the_setup_of_a_move_wins(
 
     async def scenario() -> None:
         status = tcp_chamber.set(60.0)
-        await _until(lambda: any(r.startswith(b"SOUR:TEMP 60") for r in seen))
+        await until(lambda: any(r.startswith(b"SOUR:TEMP 60") for r in seen))
         stopping = asyncio.ensure_future(tcp_chamber.stop())
         await asyncio.sleep(0.05)  # stop() has marked the move and waits for the line
         tcp_lab.loop.call_soon_threadsafe(held.set)

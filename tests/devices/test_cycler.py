@@ -42,18 +42,9 @@ from labctl.devices.errors import (
     ProtocolError,
 )
 from labctl.devices.protocols import bt2200
-from tests.conftest import start_lab
+from tests.conftest import start_lab, until
 
 SPEED = 2000.0
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` (simulator state, read across threads) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -282,7 +273,7 @@ def test_a_stop_while_the_sequence_is_being_defined_wins(
 
     async def scenario() -> None:
         status = ch.run_sequence([Step.discharge(2.0, 2.5, 3600)])
-        await _until(lambda: any(b"CELL:ENAB" in r for r in seen))
+        await until(lambda: any(b"CELL:ENAB" in r for r in seen))
         stopping = asyncio.ensure_future(ch.stop())
         await asyncio.sleep(0.05)  # stop() has marked the run and waits for the line
         tcp_lab.loop.call_soon_threadsafe(held.set)

@@ -35,21 +35,12 @@ from labctl.devices.errors import (
 )
 from labctl.devices.protocols import ne1000
 from labctl.devices.pump import PumpNetwork, PumpStatus, SyringePump
-from tests.conftest import start_lab
+from tests.conftest import start_lab, until
 
 SPEED = 200.0
 RATE = 5.0  # mL/min: 1 mL takes 12 simulated seconds, 60 ms of wall time at SPEED
 # Delivered/nominal volume spread of the simulator: 0.5 % per syringe, 0.2 % per run.
 SIGMA = math.hypot(0.005, 0.002)
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` (simulator state, read across threads) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -342,7 +333,7 @@ def test_stop_halts_a_dispense_early(
     async def start_then_stop() -> float:
         status = pump.set(5.0)
         # Synchronise on the simulator: stop once liquid is really flowing.
-        await _until(lambda: lab.call(lambda: truth.delivered_true_ml) >= 0.05)
+        await until(lambda: lab.call(lambda: truth.delivered_true_ml) >= 0.05)
         t0 = time.monotonic()
         await pump.stop()
         await status  # completes (stopped as planned) without delivering everything
@@ -412,7 +403,7 @@ def test_a_stop_while_the_pump_is_being_programmed_wins(
 
     async def scenario() -> None:
         status = pump.set(2.0)
-        await _until(lambda: any(is_volume(r) for r in seen))
+        await until(lambda: any(is_volume(r) for r in seen))
         stopping = asyncio.ensure_future(pump.stop())
         await asyncio.sleep(0.05)  # stop() has been recorded and waits for the line
         lab.loop.call_soon_threadsafe(held.set)

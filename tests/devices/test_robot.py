@@ -29,18 +29,9 @@ from labctl.devices.errors import (
 )
 from labctl.devices.protocols import gcode
 from labctl.devices.robot import DEFAULT_DECK, Gantry, GripError, MotionStoppedError
-from tests.conftest import lab_config, start_lab
+from tests.conftest import lab_config, start_lab, until
 
 SPEED = 200.0  # simulated seconds per wall second
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` (simulator state, read across threads) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -302,7 +293,7 @@ def test_stop_quickstops_a_move(
         await robot.x.velocity.set(1.0)  # 500 mm take 500 s simulated, 2.5 s of wall time
         status = robot.x.set(500.0)
         # Synchronise on the simulator, not on a wall-clock guess: stop once it moves.
-        await _until(lambda: tcp_lab.call(sim.position)[0] >= 10.0)
+        await until(lambda: tcp_lab.call(sim.position)[0] >= 10.0)
         await robot.x.stop(success=success)
         try:
             await asyncio.wait_for(status, 5.0)
@@ -373,7 +364,7 @@ def test_stop_during_a_transfer(
             await axis.velocity.set(1.0)  # slow enough to stop it on its way
         status = robot.transfer.set(("rack/2", "cell"))
         # (at 150 after homing: travel over rack/2, then descend to it)
-        await _until(lambda: tcp_lab.call(sim.position)[2] <= 115.0)
+        await until(lambda: tcp_lab.call(sim.position)[2] <= 115.0)
         await robot.transfer.stop(success=success)
         try:
             await asyncio.wait_for(status, 5.0)

@@ -32,18 +32,9 @@ from labctl.devices.errors import (
 )
 from labctl.devices.protocols import namur
 from labctl.devices.stirrer import MotionStoppedError, Regulation, Stirrer
-from tests.conftest import lab_config, start_lab
+from tests.conftest import lab_config, start_lab, until
 
 SPEED = 1000.0  # simulated seconds per wall second
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` (simulator state, read across threads) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -235,7 +226,7 @@ def test_stop_during_a_move_halts_it(
 
     async def heat_then_stop() -> tuple[bool, BaseException | None]:
         status = stirrer.temperature.set(250)
-        await _until(lambda: lab.call(lambda: sim(lab).heater_on))  # the move is under way
+        await until(lambda: lab.call(lambda: sim(lab).heater_on))  # the move is under way
         await stirrer.temperature.stop(success=success)
         try:
             await asyncio.wait_for(status, 5.0)
