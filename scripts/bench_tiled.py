@@ -3,9 +3,12 @@ what a SIGKILL mid-run leaves readable.
 
 For each backend a fresh embedded server (labctl.data) is started; the same plan,
 ``bp.count`` of a soft device with three scalars, runs three times: without a writer
-(the RunEngine's own rate), with the durable writer (``batch_size=1``, the default:
-every event written before the plan goes on) and with a batched writer (all events
-written at the stop document, TiledWriter's default behaviour). Then ``--runs`` small
+(the RunEngine's own rate); with the journaled writer (labctl's default: each document
+journaled to a local file before the plan goes on, written to Tiled in background
+batches; the run's end waits until Tiled holds all of it), also with ``fsync`` per
+document; with TiledWriter writing each event before the plan goes on (``batch_size=1``,
+the durable mode without a journal) and with TiledWriter's default batching (all events
+written at the stop document; a kill loses them). Then ``--runs`` small
 runs are written and ``Store.runs()`` and ``labctl runs list`` are timed over them.
 Last, a child process writing durably is SIGKILLed after ``--kill-after`` confirmed
 events and the run is read back.
@@ -36,6 +39,7 @@ from bluesky.run_engine import call_in_bluesky_event_loop
 from ophyd_async.core import AsyncStatus, StandardReadable, soft_signal_r_and_setter, soft_signal_rw
 
 from labctl.data import DataConfig, open_store, stop_server
+from labctl.data.journal import JournaledWriter
 from labctl.data.writer import make_writer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,16 +119,28 @@ def bench_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict
         docs = n + 3  # start, descriptor, n events, stop
         RE(bp.count([dev], num=5))  # warm up the RunEngine and the device
         out["no_writer_s"] = timed_run(RE, bp.count([dev], num=n))
-        for mode, batch in (("durable", 1), ("batched", n + 1)):
-            writer = make_writer(store.client, batch_size=batch)
+        modes: list[tuple[str, Any]] = [
+            ("journaled", lambda: JournaledWriter(store.client, config.journal_directory)),
+            (
+                "journaled_fsync",
+                lambda: JournaledWriter(store.client, config.journal_directory, fsync=True),
+            ),
+            ("durable", lambda: make_writer(store.client, batch_size=1)),
+            ("batched", lambda: make_writer(store.client, batch_size=n + 1)),
+        ]
+        for mode, make in modes:
+            writer = make()
             token = RE.subscribe(writer)  # type: ignore[no-untyped-call]
             print(f"[{backend}] {n} events, {mode} writer...", flush=True)
             out[f"{mode}_s"] = timed_run(RE, bp.count([dev], num=n), campaign_id=f"bench-{mode}")
             RE.unsubscribe(token)  # type: ignore[no-untyped-call]
+            if isinstance(writer, JournaledWriter):
+                out[f"{mode}_batches"] = writer.stats.batches
+                writer.close()
             (run,) = store.runs(campaign=f"bench-{mode}", limit=1)
             assert run.num_events == {"primary": n}, run
             assert store.run(run.uid).streams["primary"].rows == n
-        for mode in ("no_writer", "durable", "batched"):
+        for mode in ("no_writer", *(m for m, _ in modes)):
             out[f"{mode}_docs_per_s"] = docs / out[f"{mode}_s"]
         out["durable_ms_per_event"] = (out["durable_s"] - out["no_writer_s"]) / n * 1e3
 
@@ -203,19 +219,26 @@ def main() -> None:
     for r in results:
         print(f"== {r['backend']} (server start {r['server_start_s']:.1f} s)")
         print(f"  RunEngine alone        {r['no_writer_docs_per_s']:8.0f} docs/s")
+        for mode in ("journaled", "journaled_fsync"):
+            print(
+                f"  {mode:22s} {r[f'{mode}_docs_per_s']:8.0f} docs/s  "
+                f"({r[f'{mode}_docs_per_s'] / r['durable_docs_per_s']:.1f}x TiledWriter batch 1; "
+                f"{r[f'{mode}_batches']} writes to Tiled)"
+            )
         print(
             f"  durable (batch 1)      {r['durable_docs_per_s']:8.1f} docs/s  "
             f"(+{r['durable_ms_per_event']:.1f} ms per event)"
         )
-        print(f"  batched (at stop)      {r['batched_docs_per_s']:8.1f} docs/s")
+        print(f"  TiledWriter at stop    {r['batched_docs_per_s']:8.1f} docs/s (not durable)")
         print(
             f"  runs list, {args.runs} runs: API {r['api_list_s'] * 1e3:.0f} ms, "
             f"all {r['runs_total']} runs {r['api_list_all_s'] * 1e3:.0f} ms, "
             f"CLI (new process) {r['cli_list_s']:.2f} s"
         )
         print(
-            f"  SIGKILL after {r['kill_confirmed']} confirmed events: {r['kill_readable']} "
-            f"readable, contiguous={r['kill_contiguous']}, status {r['kill_status']}"
+            f"  SIGKILL after {r['kill_confirmed']} journaled events: {r['kill_readable']} "
+            f"readable after recovery, contiguous={r['kill_contiguous']}, "
+            f"status {r['kill_status']}"
         )
 
 

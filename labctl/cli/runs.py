@@ -72,6 +72,15 @@ def _store(config: DataConfig) -> Iterator[Store]:
             )
     try:
         with open_store(config) as store:
+            for run in store.recovered:
+                if run.error:
+                    typer.echo(f"journal of run {run.uid} unreadable: {run.error}", err=True)
+                else:
+                    state = "complete" if run.complete else "incomplete (its process was killed)"
+                    typer.echo(
+                        f"recovered run {run.uid} from the journal: {run.events} events, {state}",
+                        err=True,
+                    )
             yield store
     except DataError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -187,6 +196,24 @@ def runs_export(
             raise typer.Exit(1) from None
     for path in files:
         typer.echo(str(path))
+
+
+@runs.command("recover")
+def runs_recover(
+    as_json: AsJson = False, data: DataDir = None, url: Url = None, api_key: ApiKey = None
+) -> None:
+    """Write into Tiled the runs a killed process left in the journal (any `runs` command
+    and every labctl store does this on opening; this one says what it found)."""
+    config = _config(data, url, api_key)
+    with _store(config) as store:
+        found = [
+            {"uid": r.uid, "events": r.events, "complete": r.complete, "error": r.error}
+            for r in store.recovered
+        ]
+    if as_json:
+        typer.echo(json.dumps(found))
+    elif not found:
+        typer.echo(f"nothing to recover in {config.journal_directory}")
 
 
 @runs.command("server")

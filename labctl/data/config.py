@@ -59,17 +59,38 @@ class DataConfig(BaseModel):
         description="database for event tables (default: SQLite in `directory`, or the "
         "PostgreSQL catalog's database)",
     )
+    journal: bool = Field(
+        default=True,
+        description="journal every document to `directory`/journal before the plan goes on "
+        "and write to Tiled in background batches (see labctl/data/journal.py); false: "
+        "bluesky-tiled-plugins' TiledWriter on the RunEngine's thread, per `batch_size`",
+    )
+    journal_fsync: bool = Field(
+        default=False,
+        description="fsync each journal line: survives a power cut, not only a killed process",
+    )
+    max_batch: int = Field(
+        default=1000, ge=1, le=100_000, description="with the journal: most documents per write"
+    )
+    stop_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="with the journal: at a run's end, wait up to this long for Tiled to hold "
+        "all of it before the RunEngine goes on (0: do not wait)",
+    )
     batch_size: int = Field(
         default=1,
         ge=1,
         le=100_000,
-        description="events per write to Tiled; 1 makes each event durable before the plan "
-        "goes on, more is faster but a killed process loses up to batch_size - 1 events",
+        description="without the journal: events per write to Tiled; 1 makes each event "
+        "durable before the plan goes on, more is faster but a killed process loses up to "
+        "batch_size - 1 events",
     )
     backup: bool = Field(
         default=True,
-        description="if Tiled fails mid-run, keep the run's documents as JSON lines in "
-        "`directory`/backup instead of failing the plan",
+        description="without the journal: if Tiled fails mid-run, keep the run's documents as "
+        "JSON lines in `directory`/backup instead of failing the plan",
     )
     host: str = Field(default="127.0.0.1", description="interface the embedded server binds")
     start_timeout_s: float = Field(default=90.0, gt=0, le=600)
@@ -155,6 +176,11 @@ class DataConfig(BaseModel):
     def files_directory(self) -> Path:
         """Where array data (zarr) and other files are written."""
         return self.directory.resolve() / "files"
+
+    @property
+    def journal_directory(self) -> Path:
+        """Where the journal keeps runs not yet (completely) in Tiled."""
+        return self.directory.resolve() / "journal"
 
     @property
     def backup_directory(self) -> Path:

@@ -1,7 +1,8 @@
 """Runs in Tiled: write them from a RunEngine, find them by metadata, read and export them.
 
 >>> store = open_store()                      # the embedded server, started if needed
->>> store.subscribe(RE)                       # every run of RE goes to Tiled
+>>> store.subscribe(RE)                       # every run of RE goes to Tiled (journaled)
+>>> store.flush()                             # wait until Tiled holds all of it
 >>> [r.uid for r in store.runs(campaign="C-7")]
 >>> store.run(uid).streams["conductivity"].rows
 >>> store.read(uid, "dosing")                 # a pandas DataFrame, one row per event
@@ -20,6 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from labctl.data.config import DataConfig, DataError
+from labctl.data.journal import JournaledWriter, RecoveredRun, recover
 from labctl.data.server import ServerRecord, ensure_server
 from labctl.data.writer import make_writer
 
@@ -142,6 +144,9 @@ class Store:
         self.config = config
         self.server = server
         """The embedded server's record (None when ``config.url`` names another server)."""
+        self._writers: list[JournaledWriter] = []
+        self.recovered: list[RecoveredRun] = []
+        """Runs :meth:`recover` wrote from the journal (``open_store`` calls it)."""
 
     @property
     def client(self) -> Any:
@@ -156,14 +161,37 @@ class Store:
 
     # Writing
 
-    def writer(self) -> TiledWriter:
-        """A new RunEngine callback writing runs here, durable per ``config.batch_size``."""
+    def writer(self) -> JournaledWriter | TiledWriter:
+        """A new RunEngine callback writing runs here: journaled (the default; see
+        :mod:`labctl.data.journal`), or TiledWriter per ``config.batch_size``."""
+        if self.config.journal:
+            writer = JournaledWriter(
+                self._client,
+                self.config.journal_directory,
+                max_batch=self.config.max_batch,
+                fsync=self.config.journal_fsync,
+                stop_wait_s=self.config.stop_wait_s,
+            )
+            self._writers.append(writer)
+            return writer
         backup = self.config.backup_directory if self.config.backup else None
         return make_writer(self._client, batch_size=self.config.batch_size, backup_directory=backup)
 
     def subscribe(self, RE: RunEngine) -> int:  # noqa: N803 - bluesky's name for it
         """Send every document of ``RE`` here; returns the token for ``RE.unsubscribe``."""
         return int(RE.subscribe(self.writer()))  # type: ignore[no-untyped-call]
+
+    def flush(self, timeout: float | None = 60.0) -> bool:
+        """Wait until Tiled holds every document this store's writers have journaled
+        (reads through this store do this first); False if that took over ``timeout``."""
+        results = [w.flush(timeout) for w in self._writers]  # every writer, not the first False
+        return all(results)
+
+    def recover(self) -> list[RecoveredRun]:
+        """Write into Tiled the runs that killed (or Tiled-less) writers left in the journal."""
+        done = recover(self._client, self.config.journal_directory)
+        self.recovered.extend(done)
+        return done
 
     # Reading
 
@@ -183,6 +211,7 @@ class Store:
         """
         from tiled.queries import Key, SpecsQuery
 
+        self.flush()
         wanted = {"campaign_id": campaign, "sample_id": sample, "plan_name": plan, **start_keys}
         node = self._plain.search(SpecsQuery(["BlueskyRun"]))
         for key, value in wanted.items():
@@ -196,6 +225,7 @@ class Store:
 
     def _node(self, uid: str) -> tuple[str, Any]:
         """The run whose uid is ``uid`` or starts with it (as `runs list` abbreviates)."""
+        self.flush()
         if not uid or not all(c.isalnum() or c == "-" for c in uid):
             raise DataError(f"uid: {uid!r} is not a run uid (letters, digits and -)")
         try:
@@ -285,7 +315,11 @@ class Store:
     # Lifetime
 
     def close(self) -> None:
-        """Close the HTTP connections (the embedded server keeps running)."""
+        """Write what the writers hold, end them, close the HTTP connections (the embedded
+        server keeps running)."""
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
         self._client.context.close()
 
     def __enter__(self) -> Store:
@@ -334,11 +368,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def open_store(config: DataConfig | None = None) -> Store:
+def open_store(config: DataConfig | None = None, *, recover: bool = True) -> Store:
     """Connect to the runs' Tiled server: ``config.url``, else the embedded server for
     ``config.directory`` (started in the background when none is running).
 
-    ``config`` defaults to :meth:`DataConfig.from_env`.
+    ``config`` defaults to :meth:`DataConfig.from_env`. With ``recover`` (the default),
+    runs a killed process left in the journal are written to Tiled first
+    (:meth:`Store.recover`), so reads see every event that was journaled.
     """
     from tiled.client import from_uri
 
@@ -353,4 +389,7 @@ def open_store(config: DataConfig | None = None) -> Store:
         client = from_uri(url, api_key=api_key, trust_env=trust_env, show_progress=False)
     except Exception as exc:  # tiled raises httpx and its own errors; say which server
         raise DataError(f"cannot connect to Tiled at {url}: {exc}") from exc
-    return Store(client, config, server)
+    store = Store(client, config, server)
+    if recover:
+        store.recover()
+    return store

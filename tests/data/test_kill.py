@@ -1,10 +1,11 @@
-"""No data lost: SIGKILL a process mid-run; every event it had written is still in Tiled.
+"""No data lost: SIGKILL a process mid-run; every event it had journaled is readable.
 
 The child process runs a long ``bp.count`` of a soft counter with the store subscribed
-(durable writes, the default) and a second subscriber after it that prints each
+(the journaled writer, the default) and a second subscriber after it that prints each
 event's ``seq_num``: RunEngine callbacks run in subscription order, so a printed
-``seq_num`` is an event whose write to Tiled had returned. The test kills the child
-after ``CONFIRMED`` such lines, then reads the run back from the server.
+``seq_num`` is an event whose journal line had been written. The test kills the child
+after ``CONFIRMED`` such lines, then opens the store (which replays the dead child's
+journal into Tiled) and reads the run back from the server.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def test_sigkill_mid_run_leaves_every_written_event_readable(
     assert child.returncode == -signal.SIGKILL
 
     with open_store(config) as store:
+        assert [r.uid for r in store.recovered if not r.complete]  # the child's journal
         (summary,) = store.runs(campaign=campaign)
         assert summary.exit_status == "incomplete"
         assert summary.num_events == {}
