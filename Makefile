@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU wheel on this machine's disk. Anything that
 	# later depends on torch then finds it satisfied instead of pulling a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[lab,edge,sim,dev]'
+	$(PY) -m pip install -q -e '.[lab,edge,sim,models,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -41,6 +41,8 @@ test: lint types imports unit
 
 bench: install
 	$(PY) scripts/bench_latency.py
+	$(PY) scripts/bench_tiled.py
+	$(PY) scripts/bench_onnx.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .import_linter_cache

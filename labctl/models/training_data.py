@@ -1,0 +1,166 @@
+"""Training data for the property model: the lab's conductivity measurements, from Tiled.
+
+:func:`conductivity_table` reads the runs of ``prepare_and_measure`` and
+``measure_conductivity`` (labctl.plans.electrolyte) from a :class:`labctl.data.Store`
+and returns one row per equilibrated temperature point:
+
+* composition: the ``composition`` stream of the same run (achieved fractions and
+  molality, by the balance); for a ``measure_conductivity`` run, the ``composition``
+  of the ``prepare_electrolyte`` run of the same ``sample_id``; else the target recipe
+  of the start document (``composition_source`` says which);
+* ``temperature_c`` (the meter's, averaged over the agreeing readings) and
+  ``conductivity_mS_cm`` from the ``conductivity`` stream.
+
+With the table comes a query description (what to rerun to get the same rows) and the
+sha256 of the rows, both stored in the model's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from labctl.models.descriptors import SOLVENTS
+
+if TYPE_CHECKING:
+    import pandas
+
+    from labctl.data.store import Store
+
+__all__ = ["MEASUREMENT_PLANS", "TrainingTable", "conductivity_table", "table_sha256"]
+
+MEASUREMENT_PLANS: tuple[str, ...] = ("prepare_and_measure", "measure_conductivity")
+VALUE_COLUMNS: tuple[str, ...] = (
+    *SOLVENTS,
+    "salt_molality",
+    "temperature_c",
+    "conductivity_mS_cm",
+)
+
+
+@dataclass(frozen=True)
+class TrainingTable:
+    """Rows for :func:`labctl.models.property.train_property_model` and their provenance."""
+
+    frame: pandas.DataFrame
+    query: str
+    sha256: str
+    runs: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Runs not used (uid -> why)."""
+
+
+def table_sha256(frame: pandas.DataFrame) -> str:
+    """sha256 of the value columns and run uids, in a canonical order and float format."""
+    cols = [c for c in ("run_uid", *VALUE_COLUMNS) if c in frame.columns]
+    canon = frame[cols].sort_values(cols).reset_index(drop=True)
+    return hashlib.sha256(canon.to_csv(index=False, float_format="%.17g").encode()).hexdigest()
+
+
+def _composition_from_stream(row: Any) -> tuple[dict[str, float], float]:
+    fractions = {s: float(row.get(f"fraction_{s}", 0.0)) for s in SOLVENTS}
+    return fractions, float(row["salt_molality"])
+
+
+def _composition_from_recipe(recipe: dict[str, Any]) -> tuple[dict[str, float], float]:
+    given = {str(k): float(v) for k, v in (recipe.get("fractions") or {}).items()}
+    unknown = set(given) - set(SOLVENTS)
+    if unknown:
+        raise ValueError(f"recipe: unknown solvents {sorted(unknown)}")
+    return {s: given.get(s, 0.0) for s in SOLVENTS}, float(recipe.get("salt_molality", 0.0))
+
+
+def conductivity_table(
+    store: Store,
+    *,
+    campaign: str | None = None,
+    plans: Sequence[str] = MEASUREMENT_PLANS,
+    equilibrated_only: bool = True,
+    limit: int | None = None,
+) -> TrainingTable:
+    """Conductivity measurements of successful runs as a table (see the module docstring).
+
+    Columns: SOLVENTS (mass fractions, renormalised to sum 1), ``salt_molality``,
+    ``temperature_c``, ``conductivity_mS_cm``, plus ``run_uid``, ``sample_id``,
+    ``setpoint_c`` and ``composition_source``.
+    """
+    import pandas
+
+    rows: list[dict[str, Any]] = []
+    used: list[str] = []
+    skipped: dict[str, str] = {}
+    for plan in plans:
+        for summary in store.runs(campaign=campaign, plan=plan, limit=limit):
+            uid = summary.uid
+            if summary.exit_status != "success":
+                skipped[uid] = f"exit status {summary.exit_status}"
+                continue
+            info = store.run(uid)
+            if "conductivity" not in info.streams:
+                skipped[uid] = "no conductivity stream"
+                continue
+            source = "composition"
+            if "composition" in info.streams:
+                comp = store.read(uid, "composition").iloc[-1]
+                fractions, molality = _composition_from_stream(comp)
+            else:
+                prepared = (
+                    [
+                        r
+                        for r in store.runs(sample=summary.sample_id, plan="prepare_electrolyte")
+                        if r.exit_status == "success" and "composition" in store.run(r.uid).streams
+                    ]
+                    if summary.sample_id
+                    else []
+                )
+                if prepared:
+                    comp = store.read(prepared[0].uid, "composition").iloc[-1]
+                    fractions, molality = _composition_from_stream(comp)
+                    source = f"prepare_electrolyte {prepared[0].uid}"
+                elif info.start.get("recipe"):
+                    fractions, molality = _composition_from_recipe(info.start["recipe"])
+                    source = "recipe (target)"
+                else:
+                    skipped[uid] = "no composition: no stream, no prepared sample, no recipe"
+                    continue
+            total = sum(fractions.values())
+            if not total > 0:
+                skipped[uid] = f"fractions sum to {total}"
+                continue
+            points = store.read(uid, "conductivity")
+            n_before = len(rows)
+            for _, point in points.iterrows():
+                if equilibrated_only and not bool(point.get("equilibrated", True)):
+                    continue
+                rows.append(
+                    {
+                        **{s: fractions[s] / total for s in SOLVENTS},
+                        "salt_molality": molality,
+                        "temperature_c": float(point["temperature_c"]),
+                        "conductivity_mS_cm": float(point["conductivity_mS_cm"]),
+                        "run_uid": uid,
+                        "sample_id": summary.sample_id,
+                        "setpoint_c": float(point["setpoint_c"]),
+                        "composition_source": source,
+                    }
+                )
+            if len(rows) > n_before:
+                used.append(uid)
+            else:
+                skipped[uid] = "no equilibrated conductivity point"
+    columns = [*VALUE_COLUMNS, "run_uid", "sample_id", "setpoint_c", "composition_source"]
+    frame = pandas.DataFrame(rows, columns=columns)
+    query = json.dumps(
+        {
+            "source": f"labctl.data Store at {store.url}",
+            "runs": {"plan_name": list(plans), "campaign_id": campaign, "exit_status": "success"},
+            "stream": "conductivity",
+            "equilibrated_only": equilibrated_only,
+            "composition": "run's composition stream > prepare_electrolyte of the sample > recipe",
+        },
+        sort_keys=True,
+    )
+    return TrainingTable(frame, query, table_sha256(frame), used, skipped)
