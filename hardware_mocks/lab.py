@@ -145,6 +145,25 @@ class SimulatedLab:
             return {"ok": True, "state": self.world.snapshot()}
         if op == "list":
             return {"ok": True, "instruments": self.describe()}
+        if op == "conductivity":  # ground truth of a vial's contents at any temperature
+            vial = self.world.vials.get(str(request.get("vial")))
+            if vial is None:
+                return {"ok": False, "error": f"vial: unknown {request.get('vial')!r}"}
+            try:
+                temperature = float(request.get("temperature_c", ""))
+            except (ValueError, TypeError):
+                return {"ok": False, "error": f"temperature_c: {request.get('temperature_c')!r}"}
+            fractions, molality = vial.composition()
+            kappa = (
+                self.world.electrolyte_model(fractions, molality, temperature) if fractions else 0.0
+            )
+            return {"ok": True, "conductivity_mS_cm": kappa}
+        if op == "speed":  # e.g. electrolytes at 500x, then cycling at 2000x
+            try:
+                self.clock.set_speed(float(request.get("speed", "")))
+            except (ValueError, TypeError) as exc:
+                return {"ok": False, "error": f"speed: {exc}"}
+            return {"ok": True, "speed": self.clock.speed}
         if op in ("inject", "clear"):
             name = request.get("instrument")
             sim = self.simulators.get(str(name))
@@ -162,7 +181,10 @@ class SimulatedLab:
             except (ValueError, TypeError) as exc:
                 return {"ok": False, "error": f"fault: {exc}"}
             return {"ok": True}
-        return {"ok": False, "error": f"op: unknown {op!r}; use state|list|inject|clear"}
+        return {
+            "ok": False,
+            "error": f"op: unknown {op!r}; use state|list|conductivity|speed|inject|clear",
+        }
 
     def control_line(self, line: bytes) -> bytes:
         try:

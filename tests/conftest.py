@@ -33,6 +33,24 @@ def lab_config(*kinds: str, **overrides: Any) -> LabConfig:
     return cfg
 
 
+@pytest.fixture(scope="session", autouse=True)
+def run_data_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Where commands that store runs by default (`labctl plans run`, the demo) put them:
+    a directory of this session (LABCTL_DATA, inherited by subprocesses), never the
+    checkout's ./data; the embedded server started there is stopped at the end."""
+    from labctl.data import stop_server
+
+    directory = tmp_path_factory.mktemp("labctl-data")
+    saved = os.environ.get("LABCTL_DATA")
+    os.environ["LABCTL_DATA"] = str(directory)
+    yield str(directory)
+    stop_server(directory)
+    if saved is None:
+        os.environ.pop("LABCTL_DATA", None)
+    else:
+        os.environ["LABCTL_DATA"] = saved
+
+
 @pytest.fixture
 def RE() -> Iterator[RunEngine]:
     engine = RunEngine(call_returns_result=True)

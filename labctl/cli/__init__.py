@@ -23,14 +23,32 @@ app.add_typer(runs, name="runs")
 
 @app.command("demo")
 def demo(
-    speed: Annotated[float, typer.Option(help="Time acceleration of the simulated lab.")] = 200.0,
+    speed: Annotated[
+        float, typer.Option(help="Time acceleration of the simulated lab for the electrolytes.")
+    ] = 500.0,
+    cycling_speed: Annotated[
+        float, typer.Option(help="Time acceleration while the cell cycles.")
+    ] = 4000.0,
     lab_config: Annotated[Path | None, typer.Option(help="Lab TOML for the simulators.")] = None,
     transport: Annotated[str, typer.Option(help="pty or tcp.")] = "pty",
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Data directory of the embedded Tiled (env LABCTL_DATA; ./data/tiled)."),
+    ] = None,
 ) -> None:
-    """Start the simulated lab, dose one electrolyte gravimetrically, measure its conductivity."""
+    """The main job on embedded defaults: make two electrolytes, measure their conductivity
+    at three temperatures, cycle one cell; everything into the embedded Tiled."""
     from labctl.demo import run_demo
 
-    raise typer.Exit(run_demo(speed=speed, lab_config=lab_config, transport=transport))
+    raise typer.Exit(
+        run_demo(
+            speed=speed,
+            cycling_speed=cycling_speed,
+            lab_config=lab_config,
+            transport=transport,
+            data_directory=data,
+        )
+    )
 
 
 def main() -> None:

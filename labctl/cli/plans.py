@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -234,8 +235,20 @@ def plans_run(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary last (progress goes to stderr).")
     ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Data directory of the embedded Tiled the run is stored in "
+            "(env LABCTL_DATA; default ./data/tiled; LABCTL_TILED_URL for another server).",
+        ),
+    ] = None,
+    store: Annotated[
+        bool, typer.Option("--store/--no-store", help="Store the run's documents in Tiled.")
+    ] = True,
 ) -> None:
-    """Run plan NAME with key=value parameters; show progress and a summary."""
+    """Run plan NAME with key=value parameters; show progress and a summary; the run's
+    documents go to Tiled (see `labctl runs`)."""
     from labctl.plans.common import PlanParameterError
     from labctl.plans.registry import get_plan
 
@@ -252,7 +265,7 @@ def plans_run(
     if dry_run:
         _dry_run(spec, values)
         return
-    code = _run(spec, values, lab, speed, transport, time_scale, json_out)
+    code = _run(spec, values, lab, speed, transport, time_scale, json_out, data, store)
     raise typer.Exit(code)
 
 
@@ -289,6 +302,8 @@ def _run(
     transport: str,
     time_scale: float | None,
     json_out: bool,
+    data: Path | None = None,
+    store_runs: bool = True,
 ) -> int:
     from bluesky import RunEngine
     from bluesky.utils import RunEngineInterrupted
@@ -309,6 +324,20 @@ def _run(
 
     console = Console(stderr=json_out, highlight=False)
     engine = RunEngine(call_returns_result=True)
+    store = None
+    if store_runs:
+        from labctl.data import DataConfig, DataConfigError, DataError, open_store
+
+        try:
+            config = DataConfig.from_env(directory=data)
+            console.print(
+                f"[dim]run data: Tiled ({config.url or config.directory.resolve()})[/dim]"
+            )
+            store = open_store(config)
+        except (DataConfigError, DataError) as exc:
+            console.print(f"[red]{escape(str(exc))}[/red] (--no-store runs without Tiled)")
+            return 2
+        store.subscribe(engine)
     run_speed = speed if speed is not None else (spec.sim_speed if lab is None else None)
     t0 = time.monotonic()
     try:
@@ -353,7 +382,11 @@ def _run(
         # Bad arguments (parameters, --lab, instruments the lab lacks): 2; a lab that
         # did not start or connect: 3.
         console.print(f"[red]{escape(str(exc))}[/red]")
+        if store is not None:
+            store.close()
         return 3 if isinstance(exc, SimulatedLabError) else 2
+    if store is not None:
+        store.close()  # waits until Tiled holds every document
     elapsed = time.monotonic() - t0
     status = watcher.stop.get("exit_status", "fail" if error else "unknown")
     reason = watcher.stop.get("reason") or (str(error) if error else "")
@@ -363,6 +396,8 @@ def _run(
     )
     uid = watcher.start.get("uid", "")
     console.print(f"  run uid {uid}  ({elapsed:.1f} s wall)")
+    if store is not None and uid:
+        console.print(f"  stored in Tiled: labctl runs show {uid[:8]}")
     if watcher.counts:
         console.print("  events: " + ", ".join(f"{k} {v}" for k, v in watcher.counts.items()))
     if isinstance(result, dict):

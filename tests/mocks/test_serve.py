@@ -79,6 +79,19 @@ def test_serve_lists_every_instrument_and_stops_on_sigterm(transport: str) -> No
         assert state["stations"]["rack/1"] == "V01"  # type: ignore[index]
         bad = _control(ctl, {"op": "inject", "instrument": "nope", "fault": "garbage"})
         assert bad == {"ok": False, "error": "instrument: unknown 'nope'"}
+        empty = _control(ctl, {"op": "conductivity", "vial": "V01", "temperature_c": 25})
+        assert empty == {"ok": True, "conductivity_mS_cm": 0.0}
+        assert _control(ctl, {"op": "conductivity", "vial": "V99", "temperature_c": 25}) == {
+            "ok": False, "error": "vial: unknown 'V99'"}  # fmt: skip
+        # Time acceleration changes at run time; simulated time stays continuous.
+        t0 = float(state["time_s"])  # type: ignore[index, arg-type]
+        assert _control(ctl, {"op": "speed", "speed": 4000}) == {"ok": True, "speed": 4000.0}
+        time.sleep(0.25)
+        t1 = float(_control(ctl, {"op": "state"})["state"]["time_s"])  # type: ignore[index]
+        assert 0.2 * 4000 < t1 - t0 < 2.0 * 4000, (t0, t1)
+        for wrong in (0, -1, "fast", None):
+            reply = _control(ctl, {"op": "speed", "speed": wrong})
+            assert reply["ok"] is False and str(reply["error"]).startswith("speed:"), reply
         port.close()
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from hardware_mocks.lab import LabThread
 from labctl.cli import app
+from labctl.data import DataConfig, open_store
 from labctl.plans.registry import PLANS
 from tests.conftest import start_lab
 
@@ -26,7 +28,12 @@ def labctl(*args: str, timeout: float = 100) -> subprocess.CompletedProcess[str]
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "LABCTL_OPERATOR": "tester"},
+        env={
+            "COLUMNS": "200",
+            "PATH": "/usr/bin:/bin",
+            "LABCTL_OPERATOR": "tester",
+            "LABCTL_DATA": os.environ["LABCTL_DATA"],
+        },  # the session's (tests/conftest.py)
     )
 
 
@@ -151,6 +158,13 @@ def test_run_against_a_lab_of_records_shows_progress_and_a_summary(
     assert "composition: EC 0.5" in out.stderr
     assert "run finished: success" in out.stderr
     assert "prepare_electrolyte: success" in out.stderr
+    # Stored in Tiled (the session's LABCTL_DATA): the run and its doses.
+    assert f"stored in Tiled: labctl runs show {summary['run_uid'][:8]}" in out.stderr
+    with open_store(DataConfig.from_env()) as store:
+        (stored,) = store.runs(campaign="C-1")
+        assert (stored.uid, stored.exit_status) == (summary["run_uid"], "success")
+        doses = store.read(stored.uid, "doses")
+        assert list(doses["actual_g"]) == [d["actual_g"] for d in result["doses"]]
     # A failing run: exit status 1 and its reason (no meter in this lab: refused, 2).
     missing = labctl("plans", "run", "measure_conductivity", "sample_id=S", "--lab", str(path))
     assert missing.returncode == 2
@@ -158,7 +172,10 @@ def test_run_against_a_lab_of_records_shows_progress_and_a_summary(
 
 
 def test_run_starts_the_default_simulated_lab() -> None:
-    out = labctl("plans", "run", "move_vial", "source=rack/2", "destination=meter", "--json")
+    out = labctl(
+        "plans", "run", "move_vial", "source=rack/2", "destination=meter", "--json", "--no-store"
+    )  # fmt: skip
+    assert "stored in Tiled" not in out.stderr
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.splitlines()[-1])
     assert summary["exit_status"] == "success"

@@ -1,0 +1,66 @@
+"""`make demo` end to end: the command a newcomer runs first.
+
+Runs ``labctl demo`` as a separate process (what `make demo` runs) with its data in a
+temporary directory, then reads the runs back from the embedded Tiled it left running,
+and stops that server.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labctl.data import DataConfig, open_store, stop_server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_demo_makes_two_electrolytes_cycles_a_cell_and_stores_it_all(tmp_path: Path) -> None:
+    data = tmp_path / "tiled"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "labctl.cli", "demo", "--data", str(data)],
+            cwd=ROOT, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        out = proc.stdout
+        assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+        campaign = re.search(r"labctl runs list --campaign (\S+)", out)
+        assert campaign, out[-2000:]
+        # Each temperature's reading within 3 % of the simulator's ground truth.
+        errors = [float(e) for e in re.findall(r"truth +[\d.]+, ([+-][\d.]+) %\)", out)]
+        assert len(errors) == 6, out[-2000:]
+        assert all(abs(e) < 3.0 for e in errors), errors
+        assert (data / "demo" / f"{campaign[1]}.png").stat().st_size > 10_000
+
+        with open_store(DataConfig(directory=data)) as store:
+            runs = store.runs(campaign=campaign[1])
+            assert sorted(r.plan_name for r in runs) == [
+                "cycle_cell", "prepare_and_measure", "prepare_and_measure"]  # fmt: skip
+            assert {r.exit_status for r in runs} == {"success"}
+            assert not list((data / "journal").glob("*.jsonl"))  # everything reached Tiled
+            for r in runs:
+                if r.plan_name == "prepare_and_measure":
+                    frame = store.read(r.uid, "conductivity")
+                    assert list(frame["setpoint_c"]) == [15.0, 25.0, 40.0]
+                    kappa = list(frame["conductivity_mS_cm"])
+                    assert kappa == sorted(kappa) and 4.0 < kappa[0] < kappa[-1] < 20.0
+                    assert store.read(r.uid, "doses")["within_tolerance"].all()
+                else:
+                    cycles = store.read(r.uid, "cycles")
+                    assert list(cycles["label"])[-3:] == ["cycle 1", "cycle 2", "cycle 3"]
+                    last = cycles.iloc[-3:]
+                    assert (last["discharge_ah"] > 4.5).all()
+                    assert ((last["coulombic_efficiency"] > 0.98) & (
+                        last["coulombic_efficiency"] < 1.0)).all(), last  # fmt: skip
+                    rows = store.read(r.uid, "cycling")
+                    assert len(rows) > 1000
+                    assert rows["voltage"].between(2.4, 4.3).all()
+    finally:
+        stop_server(data)
