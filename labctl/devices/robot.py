@@ -242,9 +242,14 @@ class Gripper(StandardReadable, Movable[str], Stoppable):
 class Transfer(StandardReadable, Movable[tuple[str, str]], Stoppable):
     """Move a vial: ``set(("rack/1", "balance"))`` completes once it sits at the destination.
 
-    After ``stop(success=True)`` the status completes without error but the transfer is
-    not done: ``last`` and ``completed`` are left alone, and the vial may be in the jaws.
+    A pick and place is atomic to a pause: ``stop(success=True)`` (what the RunEngine
+    sends when it pauses or a suspender trips) lets a transfer in flight finish, at most
+    ``finish_timeout`` s, rather than halting with a vial in the jaws over the deck; the
+    plan then goes on from a known place. ``stop(success=False)`` (abort, failure,
+    emergency) quickstops at once and the status fails with :class:`MotionStoppedError`.
     """
+
+    finish_timeout = 60.0
 
     def __init__(
         self,
@@ -259,6 +264,7 @@ class Transfer(StandardReadable, Movable[tuple[str, str]], Stoppable):
         self._is_mock = is_mock
         self._motions = motions
         self.mock_calls: list[tuple[str, str]] = []
+        self._in_flight: AsyncStatus[None] | None = None
         with self.add_children_as_readables(StandardReadableFormat.HINTED_SIGNAL):
             self.last, self._set_last = soft_signal_r_and_setter(str, "")
         with self.add_children_as_readables():
@@ -268,6 +274,7 @@ class Transfer(StandardReadable, Movable[tuple[str, str]], Stoppable):
     def set(self, value: tuple[str, str]) -> AsyncStatus[None]:
         status = AsyncStatus(self._do_set(value, self._motions.generation), name=self.name)
         self._motions.track(status)
+        self._in_flight = status
         return status
 
     async def _do_set(self, value: tuple[str, str], generation: int) -> None:
@@ -287,6 +294,12 @@ class Transfer(StandardReadable, Movable[tuple[str, str]], Stoppable):
         self._set_completed(await self.completed.get_value() + 1)
 
     async def stop(self, success: bool = True) -> None:
+        status = self._in_flight
+        if success and status is not None and not status.done:
+            # A pause: put the vial down first. If it does not finish in time, halt.
+            done, _ = await asyncio.wait({status.task}, timeout=self.finish_timeout)
+            if done:
+                return
         await self._stop(success)
 
 

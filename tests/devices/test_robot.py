@@ -352,11 +352,10 @@ def test_a_stop_right_after_set_means_no_motion(
     assert call(robot.x.readback.get_value()) == pytest.approx(start[0])
 
 
-@pytest.mark.parametrize("success", [False, True])
-def test_stop_during_a_transfer(
-    tcp_lab: LabThread, tcp_robot: Gantry, call: Callable[..., Any], success: bool
+def test_abort_stop_during_a_transfer_halts_it_and_fails_its_status(
+    tcp_lab: LabThread, tcp_robot: Gantry, call: Callable[..., Any]
 ) -> None:
-    """Pause/suspend (success=True) halts a transfer without failing its status."""
+    """stop(success=False) (abort, failure) quickstops a transfer part way."""
     robot, sim = tcp_robot, _sim(tcp_lab)
 
     async def transfer_and_stop() -> BaseException | None:
@@ -365,7 +364,7 @@ def test_stop_during_a_transfer(
         status = robot.transfer.set(("rack/2", "cell"))
         # (at 150 after homing: travel over rack/2, then descend to it)
         await until(lambda: tcp_lab.call(sim.position)[2] <= 115.0)
-        await robot.transfer.stop(success=success)
+        await robot.transfer.stop(success=False)
         try:
             await asyncio.wait_for(status, 5.0)
         except MotionStoppedError as exc:
@@ -373,14 +372,40 @@ def test_stop_during_a_transfer(
         return None
 
     exc = call(transfer_and_stop())
-    assert (exc is None) is success
-    if exc is not None:
-        assert "transfer rack/2 -> cell" in str(exc)
+    assert exc is not None and "transfer rack/2 -> cell" in str(exc)
     z = tcp_lab.call(sim.position)[2]
     assert DEFAULT_DECK["rack/2"][2] < z < 115.0  # halted on the way down to rack/2
     assert call(robot.transfer.completed.get_value()) == 0  # not a completed transfer
     assert call(robot.transfer.last.get_value()) == ""
     assert tcp_lab.world.stations["rack/2"] == "V02"
+
+
+def test_pause_stop_during_a_transfer_lets_it_finish(
+    tcp_lab: LabThread, tcp_robot: Gantry, call: Callable[..., Any]
+) -> None:
+    """stop(success=True) (a pause, a suspender) returns once the vial is put down: a
+    pause never leaves a vial in the jaws over the deck."""
+    robot, sim = tcp_robot, _sim(tcp_lab)
+
+    async def transfer_and_stop() -> tuple[bool, BaseException | None]:
+        status = robot.transfer.set(("rack/2", "cell"))
+        await until(lambda: tcp_lab.call(sim.position)[2] <= 140.0)  # on its way down
+        assert not status.done
+        await robot.transfer.stop(success=True)
+        done_at_stop = status.done
+        try:
+            await asyncio.wait_for(status, 5.0)
+        except MotionStoppedError as exc:
+            return done_at_stop, exc
+        return done_at_stop, None
+
+    done_at_stop, exc = call(transfer_and_stop())
+    assert done_at_stop and exc is None
+    assert call(robot.transfer.completed.get_value()) == 1
+    assert call(robot.transfer.last.get_value()) == "rack/2 -> cell"
+    assert tcp_lab.world.stations["cell"] == "V02"
+    assert tcp_lab.world.stations["rack/2"] is None
+    assert sim.servo_angle == 90.0  # jaws open: the vial was released
 
 
 def test_emergency_stop_halts_until_reset(

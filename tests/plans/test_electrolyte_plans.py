@@ -212,6 +212,49 @@ def test_pause_mid_dispense_stops_the_pump_and_resume_completes_the_dose(
     assert truth["contents_g"]["EC"] == pytest.approx(4.0, abs=0.004)
 
 
+def test_pause_during_a_robot_transfer_finishes_it_and_resume_completes_the_plan(
+    lab: LabThread, devices: LabDevices, RE: RunEngine
+) -> None:
+    """A pause lands while the gantry carries the vial to the balance: the transfer
+    finishes (the vial is put down, not left in the jaws), the run pauses, and resume
+    goes on to dose as if nothing happened."""
+    assert devices.robot is not None
+    name = devices.robot.transfer.name
+    paused: list[threading.Thread] = []
+
+    def pause_when_in_the_jaws() -> None:  # V01 has left rack/1 and not reached the balance
+        deadline = time.monotonic() + 10
+        while lab.call(lab.world.snapshot)["vials"]["V01"]["station"] != "gripper":
+            assert time.monotonic() < deadline, "the vial was never picked up"
+            time.sleep(0.002)
+        RE.request_pause()  # type: ignore[no-untyped-call]
+
+    def hook(msg: Msg) -> None:
+        if msg.command == "set" and getattr(msg.obj, "name", "") == name and not paused:
+            paused.append(threading.Thread(target=pause_when_in_the_jaws))
+            paused[0].start()
+
+    RE.msg_hook = hook  # type: ignore[assignment]
+    docs: Docs = []
+    with pytest.raises(RunEngineInterrupted):
+        RE(
+            prepare_electrolyte(devices, "EC1.0", mix_time_s=0, equilibrate_s=0, time_scale=SPEED),
+            lambda n, d: docs.append((n, d)),
+        )
+    paused[0].join()
+    assert RE.state == "paused"
+    world = lab.call(lab.world.snapshot)
+    assert world["vials"]["V01"]["station"] == "balance"  # put down, not in the jaws
+    RE.msg_hook = None
+    result = RE.resume()  # type: ignore[no-untyped-call]
+    assert result.exit_status == "success"
+    (dose,) = events(docs, "doses")
+    assert dose["within_tolerance"]
+    truth = lab.call(lab.world.snapshot)["vials"]["V01"]
+    assert truth["station"] == "rack/1"
+    assert truth["contents_g"]["EC"] == pytest.approx(4.0, abs=0.004)
+
+
 def test_abort_while_paused_ends_the_run_safely(
     lab: LabThread, devices: LabDevices, RE: RunEngine, call: Callable[..., Any]
 ) -> None:
