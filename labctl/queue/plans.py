@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from labctl.plans.registry import PLANS, PlanSpec
 from labctl.plans.session import LabSession
 
-__all__ = ["noop", "queue_plans", "queue_signature"]
+__all__ = ["noop", "queue_plans", "queue_ranges", "queue_signature"]
 
 _SIMPLE = (str, int, float, bool, list, dict, type(None))
 
@@ -55,6 +55,30 @@ def queue_signature(spec: PlanSpec) -> inspect.Signature:
     return inspect.Signature(params)
 
 
+def queue_ranges(spec: PlanSpec) -> dict[str, dict[str, float]]:
+    """``{"parameters": {name: {"min": .., "max": ..}}}``-style bounds of the numeric
+    parameters (from the pydantic model's ge/gt/le/lt), for queueserver to refuse an
+    out-of-range value at ``item_add`` even from a client that bypasses `labctl queue
+    add`. Exclusive bounds become inclusive ones here; the model still checks exactly."""
+    import annotated_types as at
+
+    out: dict[str, dict[str, float]] = {}
+    for name, field in spec.params.model_fields.items():
+        annotation = field.annotation
+        kinds = set(get_args(annotation)) - {type(None)} if get_origin(annotation) else {annotation}
+        if not kinds or not kinds <= {int, float}:
+            continue  # ranges apply to every number inside a structure: numbers only
+        bounds: dict[str, float] = {}
+        for m in field.metadata:
+            if isinstance(m, at.Ge | at.Gt):
+                bounds["min"] = float(m.ge if isinstance(m, at.Ge) else m.gt)  # type: ignore[arg-type]
+            elif isinstance(m, at.Le | at.Lt):
+                bounds["max"] = float(m.le if isinstance(m, at.Le) else m.lt)  # type: ignore[arg-type]
+        if bounds:
+            out[name] = bounds
+    return out
+
+
 def _wrapper(spec: PlanSpec, session: LabSession) -> Callable[..., Iterator[Msg]]:
     def plan(**values: Any) -> Generator[Msg, Any, Any]:
         return (
@@ -70,6 +94,11 @@ def _wrapper(spec: PlanSpec, session: LabSession) -> Callable[..., Iterator[Msg]
     plan.__doc__ = spec.doc
     plan.__signature__ = queue_signature(spec)  # type: ignore[attr-defined]
     plan.__module__ = __name__
+    ranges = queue_ranges(spec)
+    if ranges:
+        from bluesky_queueserver import parameter_annotation_decorator  # type: ignore[import-untyped]
+
+        plan = parameter_annotation_decorator({"parameters": ranges})(plan)
     return plan
 
 

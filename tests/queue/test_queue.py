@@ -40,6 +40,7 @@ from labctl.recipes import default_reagents
 from labctl.simlab import SimulatedLabProcess
 from tests.data import session_server
 
+ROOT = Path(__file__).resolve().parents[2]
 SPEED = 1000.0
 runner = CliRunner()
 
@@ -95,6 +96,7 @@ def test_every_plan_has_a_signature_queueserver_accepts() -> None:
     assert "default" not in params["recipe"]  # required
     assert params["tolerance_g"]["default"] == "0.003"
     assert params["tolerance_g"]["annotation"]["type"] == "float"
+    assert (float(params["tolerance_g"]["min"]), float(params["tolerance_g"]["max"])) == (0, 0.5)
     cycle = {p["name"]: p for p in plans["cycle_cell"]["parameters"]}
     assert set(cycle) == set(PLANS["cycle_cell"].params.model_fields)
 
@@ -118,6 +120,11 @@ def test_invalid_parameters_are_refused_before_queueing(
     with pytest.raises(RequestFailedError, match="tolerance_g") as failed:
         api.item_add(BPlan("prepare_electrolyte", recipe="EC1.0", tolerance_g="lots"))
     assert "lots" in str(failed.value)
+    # ... and numeric bounds, from the same pydantic model (queue_ranges).
+    with pytest.raises(RequestFailedError, match="out of range: key='tolerance_g'"):
+        api.item_add(BPlan("prepare_electrolyte", recipe="EC1.0", tolerance_g=-1))
+    with pytest.raises(RequestFailedError, match="out of range: key='channel'"):
+        api.item_add(BPlan("cycle_cell", channel=0))
     assert api.queue_get()["items"] == before
 
 
@@ -223,14 +230,17 @@ def test_cli_add_validates_then_queues_and_status_shows_it(
     api.queue_clear()
 
 
-def test_cli_start_serves_until_sigterm(
-    request: pytest.FixtureRequest, sqlite_server: tuple[DataConfig, ServerRecord]
+def test_cli_start_with_a_lab_file_serves_until_sigterm_and_stop_now_aborts(
+    request: pytest.FixtureRequest, sqlite_server: tuple[DataConfig, ServerRecord], tmp_path: Path
 ) -> None:
     queue = QueueConfig.unique("labctl_cli")
     ports = ["--control-port", str(queue.control_port), "--info-port", str(queue.info_port)]
     request.addfinalizer(lambda: clear_queue_keys(queue))
+    lab_toml = tmp_path / "bench-lab.toml"
+    lab_toml.write_text((ROOT / "hardware_mocks" / "default_lab.toml").read_text())
     proc = subprocess.Popen(
         [sys.executable, "-m", "labctl.cli.queue", "start", "--speed", "1000",
+         "--lab", str(lab_toml),
          "--prefix", queue.name_prefix, "--data", str(sqlite_server[0].directory), *ports],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -243,9 +253,28 @@ def test_cli_start_serves_until_sigterm(
         info = json.loads(line)
         assert info["control"] == queue.control_addr
         assert info["prefix"] == queue.name_prefix
+        assert info["lab"].startswith("tcp://127.0.0.1:")  # the lab the TOML started
         shown = runner.invoke(cli, ["status", *ports])
         assert shown.exit_code == 0, shown.output
         assert f"{queue.control_addr}: idle, environment open, 0 queued" in shown.stdout
+        # `queue stop --now` aborts a running plan (40000 lab s of rest: 40 s at 1000x).
+        campaign = f"Q-{uuid.uuid4().hex[:10]}"
+        with queue.connect() as api:
+            add_plan(api, "prepare_electrolyte", {
+                "recipe": "EC1.0", "vial_station": "rack/8", "mix_time_s": 10,
+                "equilibrate_s": 40000, "campaign_id": campaign})  # fmt: skip
+            api.queue_start()
+            api.wait_for_condition(lambda st: st["manager_state"] == "executing_queue", timeout=10)
+            time.sleep(3.0)
+            stopped = runner.invoke(cli, ["stop", "--now", *ports])
+            assert stopped.exit_code == 0, stopped.output
+            assert "running plan aborted; queue stopped" in stopped.stdout
+            api.wait_for_idle(timeout=30)
+            assert api.history_get()["items"][-1]["result"]["exit_status"] == "aborted"
+            api.queue_clear()
+        with open_store(sqlite_server[0]) as store:
+            (run,) = store.runs(campaign=campaign)
+            assert run.exit_status == "abort"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-2000:]
