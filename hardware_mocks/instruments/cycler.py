@@ -29,8 +29,9 @@ Commands (``[...]`` optional, lower-case letters optional as in every SCPI heade
   (``+3.712345E+00,...``); ``MEASure:CELL:CAPacity:AHR? | :WHR?`` (Ah / Wh moved in the
   present or last step); ``CELL:STEP:TIME?`` (s into the step);
   ``MEASure:CELL:TEMPerature?`` (degC, extension).
-* ``DATA:LOG? <cell>[,<max_rows>]``, ``DATA:LOG:CLEar``, ``DATA:LOG:PERiod[?]``,
-  ``DATA:LOG:RECords:AVAilable? [<cell>]`` (extension, see below).
+* ``DATA:LOG? <cell>[,<max_rows>]``, ``DATA:LOG:FETCh? <cell>[,<max_rows>[,<from>]]``,
+  ``DATA:LOG:CLEar``, ``DATA:LOG:PERiod[?]``, ``DATA:LOG:RECords:AVAilable? [<cell>]``
+  (extensions, see below).
 
 ``STATus:CELL:REPort?`` codes: 0 none (idle, nothing run since clear), 1 running,
 2 completed (OK), 3 failed (a test with action FAIL fired), 4 aborted. Public client
@@ -62,6 +63,12 @@ Extensions and simplifications (the real instrument differs here):
   ``CELL:INITiate``, Ah = the step's capacity, I charge positive). Rows are logged every
   ``DATA:LOG:PERiod`` simulated seconds (default 10) and at every step end, in a ring
   buffer of ``log_capacity`` rows per channel (oldest rows are overwritten).
+  ``DATA:LOG?`` discards the rows it answers with, so an answer lost on the wire (a
+  client timeout) loses them. ``DATA:LOG:FETCh? <cell>,<max_rows>,<from>`` (also ours)
+  is the loss-free read: it answers ``<first>,<n>,<t>,...`` with the rows from index
+  ``<from>`` (rows counted since power-on; ``<first>`` > ``<from>`` when rows were
+  cleared or overwritten) and discards only the rows before ``<from>``, which the
+  request acknowledges; asked again with the same ``<from>``, it answers the same rows.
 * One channel per cell (no paralleled channels); ``CELL:DEFine:QUICk`` accepts only 1.
 * ``MEASure:CELL:TEMPerature?`` is ours (the BT2200 has no per-cell thermocouples).
 * In a ``;``-compound message a header without a leading ``:`` is first resolved under
@@ -84,7 +91,9 @@ jumps to the next event (step end or data-log row), and with nothing running the
 interval is one step. A step costs ~0.2 ms of CPU whatever the channel count (numpy
 call overhead), so with cells under current the simulator keeps up to about speed 4000
 (one core) and uses half a core at speed 2000. A background task keeps the integration
-caught up so that no request has to integrate a long backlog. Tests are evaluated every
+caught up so that no request has to integrate a long backlog; the integration yields
+to the event loop every ~20 ms, so that a simulator that lags its clock still writes
+replies and serves the other instruments while it catches up. Tests are evaluated every
 internal step on the measured (noisy) voltage and current magnitude. Electrolyte: when
 a channel is initiated while a vial with liquid sits at the ``cell`` station, that cell
 takes the vial's conductivity at 25 C (``world.electrolyte_model``); otherwise a
@@ -111,6 +120,7 @@ MAX_STEPS = 100
 MAX_TESTS = 8
 MAX_ERRORS = 30
 VOLTAGE_LIMITS = (2.0, 4.5)
+_SLICE_CALLS = 100  # physics steps (~0.2 ms each) between yields to the event loop
 MAX_DURATION_S = 1.0e7
 NAN_REPLY = "9.91E+37"
 
@@ -403,27 +413,48 @@ class CyclerSimulator(Simulator):
         # Keeps the integration caught up while nobody asks, so that a request never has
         # to integrate a long backlog (and sequences end on time without polling).
         while True:
-            self.advance()
+            await self._catch_up()
             await asyncio.sleep(0.05)
 
-    def advance(self) -> None:
-        """Integrate every channel up to the present simulated time.
+    async def _catch_up(self) -> None:
+        """:meth:`advance` to now in slices, letting the event loop run in between.
+
+        One slice is ~20 ms of CPU. A simulator that cannot keep up with its clock (a
+        busy machine, a high speed) integrates a backlog of seconds; in one piece, that
+        would stall every other task of the loop (replies being written, the other
+        instruments) for as long, and clients time out waiting for answers.
+        """
+        until = self.clock.now()
+        while True:
+            if self.advance(until=until, max_calls=_SLICE_CALLS):
+                return
+            await asyncio.sleep(0)  # (a yield, not a wait: the work is ours to do)
+
+    def advance(self, *, until: float | None = None, max_calls: int | None = None) -> bool:
+        """Integrate every channel up to the present simulated time (or ``until``).
 
         Internal steps of ``dt`` while any channel drives a current or has tests to
         evaluate; channels that are idle, or resting with no test, need no step of their
         own: whenever *every* running channel is such, one exact step jumps to the next
         event (a step end or a data-log row), and with nothing running the whole
-        interval is one step.
+        interval is one step. With ``max_calls``, stop after that many steps; returns
+        whether the integration got there.
         """
-        n_steps = int((self.clock.now() - self._t) / self.dt)
+        target = self.clock.now() if until is None else until
+        n_steps = int((target - self._t) / self.dt)
         if n_steps <= 0:
-            return
+            return True
         env = self.world.environment_c("cell")
+        calls = 0
         while n_steps > 0:
+            if max_calls is not None and calls >= max_calls:
+                return False
             k = self._quiet_steps(n_steps)
             self._tick(env, k)
             self._t += k * self.dt
             n_steps -= k
+            calls += 1
+        return True
 
     def _quiet_steps(self, limit: int) -> int:
         """How many internal steps the next exact step may span (1 if any channel works)."""
@@ -599,7 +630,7 @@ class CyclerSimulator(Simulator):
 
     async def handle(self, request: bytes) -> bytes | None:
         self._ensure_ticker()
-        self.advance()
+        await self._catch_up()
         try:
             text = request.decode("ascii")
         except UnicodeDecodeError:
@@ -687,6 +718,7 @@ class CyclerSimulator(Simulator):
                 lambda a: self._per_cell(a, lambda k: self.cells.temp_c[k]),
             ),
             ("DATA:LOG?", self._log_query),
+            ("DATA:LOG:FETCh?", self._log_fetch),
             ("DATA:LOG:CLEar", self._log_clear),
             ("DATA:LOG:PERiod", self._log_period),
             ("DATA:LOG:PERiod?", lambda a: self._noargs(a) or f"{self.log_period_s:g}"),
@@ -1025,6 +1057,40 @@ class CyclerSimulator(Simulator):
         stop = min(int(self.log_written[k]), start + max_rows)
         self.log_read[k] = stop
         out = [str(stop - start)]
+        for j in range(start, stop):
+            t, v, i, ah, temp, step = self.log[k, j % self.log_capacity]
+            out.append(f"{t:.1f},{v:.5f},{i:.5f},{ah:.6f},{temp:.2f},{int(step)}")
+        return ",".join(out)
+
+    def _log_fetch(self, args: list[str]) -> str:
+        """``DATA:LOG:FETCh? <cell>[,<max_rows>[,<from>]]``: rows from index ``<from>`` on.
+
+        A read that survives a lost answer: asking for rows from ``<from>`` (the index of
+        the first row the client still lacks, counted since power-on) acknowledges every
+        row before it, and only acknowledged rows are discarded. A client that got no
+        answer (a timeout, a garbled line) asks again with the same ``<from>`` and gets
+        the same rows. Without ``<from>`` (a client's first read) it starts at the first
+        unacknowledged row. The answer starts with the index of its first row, which is
+        later than ``<from>`` when rows were cleared (``*RST``, ``DATA:LOG:CLEar``) or
+        overwritten by the ring buffer. A ``<from>`` beyond the rows logged (a cursor
+        from before a power cycle) reads as no ``<from>``.
+        """
+        self._nargs(args, 1, 3)
+        k = self.cell_of[self._cell(args[0])]
+        max_rows = _nr1(args[1], "max rows") if len(args) > 1 else 1000
+        if not 1 <= max_rows <= 10000:
+            raise _err(-222, f"max rows {max_rows} outside 1..10000")
+        written = int(self.log_written[k])
+        start = int(self.log_read[k])
+        if len(args) > 2:
+            first = _nr1(args[2], "from")
+            if first < 0:
+                raise _err(-222, f"from {first} must be >= 0")
+            if first <= written:
+                start = max(start, first)
+        self.log_read[k] = start  # acknowledged: everything before start
+        stop = min(written, start + max_rows)
+        out = [str(start), str(stop - start)]
         for j in range(start, stop):
             t, v, i, ah, temp, step = self.log[k, j % self.log_capacity]
             out.append(f"{t:.1f},{v:.5f},{i:.5f},{ah:.6f},{temp:.2f},{int(step)}")

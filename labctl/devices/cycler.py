@@ -24,7 +24,7 @@ channel ``101``, ...). Each channel is
   made in ``run_sequence()`` itself and checked just before ``CELL:INITiate``, so a stop
   that comes while the sequence is still being defined means it never starts.
 * ``fetch_log()`` returns the data-log rows recorded since the previous call (for
-  streaming to a database or a BMS).
+  streaming to a database or a BMS); a call that fails on the wire loses no rows.
 
 Setters are sent as ``<setter>;:SYST:ERR?`` so every command is confirmed; a rejected one
 raises :class:`~labctl.devices.errors.CommandRejectedError` with the SCPI code (e.g.
@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import re
 import termios
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -78,6 +79,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _STATUS_SHAPE = bt2200.expect("verbose", "numbers", "numbers")
 
 # Poll errors that say nothing about the sequence itself: retry them a few times.
@@ -142,6 +144,10 @@ class CyclerChannel(StandardReadable):
         self._send = send
         self._is_mock = is_mock
         self._run_token: _Run | None = None  # the pending or running sequence, if any
+        # Index of the first data-log row not yet returned (None: ask from the
+        # instrument's first unacknowledged row, as after connecting).
+        self._log_next: int | None = None
+        self._log_held: list[LogRow] = []  # read, not yet returned by fetch_log()
         with self.add_children_as_readables():
             self.voltage, self._set_voltage = soft_signal_r_and_setter(
                 float, units="V", precision=5
@@ -207,16 +213,42 @@ class CyclerChannel(StandardReadable):
         raw = await self._ask(bt2200.encode_measure("voltage", [self.cell]), bt2200.EXPECT_NUMBERS)
         return self._decoded(lambda: bt2200.decode_values(raw, 1)[0])
 
-    async def fetch_log(self, max_rows: int = 1000) -> list[LogRow]:
-        """Every data-log row recorded since the previous call (oldest first)."""
+    async def fetch_log(self, max_rows: int = 250) -> list[LogRow]:
+        """Every data-log row recorded since the previous call (oldest first).
+
+        Reads ``max_rows`` at a time with ``DATA:LOG:FETC?`` from the index of the first
+        row not yet read, which the channel keeps: the instrument discards rows only once
+        a later read acknowledges them, so a read whose answer is lost (a timeout, a
+        garbled line; the error is raised) loses no rows: the next call returns them,
+        with those that earlier reads of the failed call got. Rows the instrument no
+        longer holds (its ring buffer overwrote them, or the log was cleared) are
+        skipped with a warning.
+        """
         if self._is_mock():
             return []
-        rows: list[LogRow] = []
         while True:
-            raw = await self._ask(bt2200.encode_log(self.cell, max_rows), bt2200.EXPECT_NUMBERS)
-            batch = self._decoded(functools.partial(bt2200.decode_log, raw))
-            rows.extend(batch)
-            if len(batch) < max_rows:
+            wanted = self._log_next
+            query = bt2200.encode_log_fetch(self.cell, max_rows, wanted)
+            raw = await self._ask(query, bt2200.EXPECT_LOG)
+            batch = self._decoded(functools.partial(bt2200.decode_log_fetch, raw))
+            fresh = batch.rows
+            if wanted is not None:
+                if batch.first < wanted:
+                    # A late answer to an earlier read: keep only the rows this read
+                    # asked for; the instrument still holds the rest.
+                    fresh = fresh[wanted - batch.first :]
+                elif batch.first > wanted:
+                    log.warning(
+                        "%s: %d data-log rows were lost (overwritten or cleared)",
+                        self.name,
+                        batch.first - wanted,
+                    )
+            # The next read acknowledges these rows: from here on only the channel has
+            # them, so they wait in _log_held until a call returns.
+            self._log_held.extend(fresh)
+            self._log_next = max(batch.next, wanted or 0)
+            if len(batch.rows) < max_rows:
+                rows, self._log_held = self._log_held, []
                 return rows
 
     # -- running ----------------------------------------------------------------------------
@@ -439,6 +471,7 @@ class BatteryCycler(SerialInstrument):
         self._set_firmware(ident.firmware)
         await self._write(scpi.encode("*CLS"))
         for channel in self.channels.values():
+            channel._log_next = None  # (maybe another instrument, or one power-cycled)
             await self.send(bt2200.encode_define_cell(channel.cell, channel.channel))
 
     async def stop(self, success: bool = True) -> None:

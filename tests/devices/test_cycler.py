@@ -609,6 +609,118 @@ async def test_sim_rest_jumps_match_one_second_steps() -> None:
     np.testing.assert_allclose(jumped.log[0, :n, :3], stepped.log[0, :n, :3], atol=1e-6)
 
 
+async def test_sim_log_fetch_repeats_until_acknowledged() -> None:
+    """``DATA:LOG:FETC?``: rows go only once a later read acknowledges them."""
+    sim, clock = await _bare_cycler(
+        b"SEQ:STEP:DEF 1,1,DISCHARGE,95,1.0,2.5", b"CELL:ENAB (@1001),1", b"DATA:LOG:PER 10"
+    )
+
+    async def fetch(*args: int) -> bt2200.LogBatch:
+        reply = await sim.handle(b"DATA:LOG:FETC? " + b",".join(b"%d" % a for a in args))
+        assert reply is not None
+        return bt2200.decode_log_fetch(reply)
+
+    try:
+        await sim.handle(b"CELL:INIT (@1001)")
+        clock.t = 100.0
+        sim.advance()
+        assert int(sim.log_written[0]) == 11  # 1 s, 10 s, ..., 90 s and the end at 95 s
+        first = await fetch(1001, 4)  # a client's first read: from the unacknowledged rows
+        assert (first.first, [r.time_s for r in first.rows]) == (0, [1.0, 10.0, 20.0, 30.0])
+        assert await fetch(1001, 4) == first  # its answer lost: asked again, the same rows
+        assert await fetch(1001, 4, 0) == first
+        assert int(sim.log_read[0]) == 0  # nothing acknowledged yet
+        nxt = await fetch(1001, 100, first.next)  # acknowledges rows 0..3
+        assert (nxt.first, len(nxt.rows), nxt.rows[-1].time_s) == (4, 7, 95.0)
+        assert int(sim.log_read[0]) == 4
+        assert await fetch(1001, 100, 2) == nxt  # a stale cursor cannot go back
+        assert await fetch(1001, 100, 500) == nxt  # a cursor from before a power cycle
+        assert await fetch(1001, 100, 11) == bt2200.LogBatch(11, [])
+        # The legacy read and a clear still discard; the next answer says where it starts.
+        await sim.handle(b"DATA:LOG:CLE")
+        assert await fetch(1001, 100, 4) == bt2200.LogBatch(11, [])
+        assert await sim.handle(b"DATA:LOG:FETC? 1001,0") is None
+        assert await sim.handle(b"DATA:LOG:FETC? 1001,10,-1") is None
+        assert [code for code, _ in sim.errors] == [-222, -222]
+    finally:
+        await sim.close()
+
+
+def test_log_fetch_codec() -> None:
+    rows = [bt2200.LogRow(1.0, 3.7, 2.0, 0.000556, 25.0, 1)]
+    assert bt2200.encode_log_fetch(1001) == b"DATA:LOG:FETC? 1001,1000\n"
+    assert bt2200.encode_log_fetch(1001, 50, 12) == b"DATA:LOG:FETC? 1001,50,12\n"
+    raw = bt2200.format_log_fetch(12, rows)
+    assert raw == b"12,1,1.0,3.70000,-2.00000,0.000556,25.00,1\n"
+    assert bt2200.decode_log_fetch(raw) == bt2200.LogBatch(12, rows)
+    assert bt2200.decode_log_fetch(raw).next == 13
+    assert bt2200.decode_log_fetch(b"7,0\n") == bt2200.LogBatch(7, [])
+    for bad in (b"-1,0\n", b"1.5,0\n", b"3\n", b"3,2,1.0,3.7,0.0,0.0,25.0,1\n"):
+        with pytest.raises(ProtocolError):
+            bt2200.decode_log_fetch(bad)
+    with pytest.raises(ValueError, match="first"):
+        bt2200.encode_log_fetch(1001, 10, -1)
+    # The reply's shape: the tail of a longer reply (a client that gave up on it and
+    # flushed its input mid-line) is no answer, so the transport reads past it.
+    complete = bt2200.reply_complete_for(bt2200.EXPECT_LOG)
+    assert complete(raw)
+    assert complete(b"3,0\n")
+    tail = b"67,26.35,3,3450.0,4.04227,-2.50000,0.198611,26.37,3\n"
+    assert not complete(tail)
+    assert complete(tail + raw)
+    assert bt2200.last_reply(tail + raw) == raw
+
+
+async def test_fetch_log_keeps_its_cursor_through_lost_and_stale_answers() -> None:
+    """The channel's side of ``DATA:LOG:FETC?``, on scripted answers."""
+    row = [bt2200.LogRow(float(t), 3.7, 1.0, 0.0, 25.0, 1) for t in range(8)]
+    answers: list[bytes | Exception] = []
+    asked: list[bytes] = []
+
+    async def ask(command: bytes, shape: Any = None) -> bytes:
+        asked.append(command)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def send(command: bytes) -> None:
+        raise AssertionError("no setter expected")
+
+    ch = CyclerChannel(1, ask, send, lambda: False, name="cycler-1")
+    answers += [bt2200.format_log_fetch(0, row[:3])]
+    assert await ch.fetch_log() == row[:3]
+    answers += [DeviceTimeoutError("no complete reply")]  # the answer is lost
+    with pytest.raises(DeviceTimeoutError):
+        await ch.fetch_log()
+    # The late answer to the lost read, then (next call) that of the read that got it.
+    answers += [bt2200.format_log_fetch(3, row[3:5]), bt2200.format_log_fetch(3, row[3:6])]
+    assert await ch.fetch_log() == row[3:5]
+    assert await ch.fetch_log() == row[5:6]  # the stale rows 3 and 4 are not repeated
+    answers += [bt2200.format_log_fetch(8, [])]  # rows 6 and 7 cleared on the instrument
+    assert await ch.fetch_log() == []
+    assert asked == [
+        b"DATA:LOG:FETC? 1001,250\n",
+        b"DATA:LOG:FETC? 1001,250,3\n",
+        b"DATA:LOG:FETC? 1001,250,3\n",
+        b"DATA:LOG:FETC? 1001,250,5\n",
+        b"DATA:LOG:FETC? 1001,250,6\n",
+    ]
+    # Full batches are read on until a short one.
+    answers += [bt2200.format_log_fetch(8, row[:2]), bt2200.format_log_fetch(10, row[:1])]
+    assert await ch.fetch_log(max_rows=2) == [*row[:2], row[0]]
+    assert asked[-2:] == [b"DATA:LOG:FETC? 1001,2,8\n", b"DATA:LOG:FETC? 1001,2,10\n"]
+    # A call that fails after a full batch keeps that batch (the instrument has been
+    # told it may discard it) for the next call.
+    answers += [bt2200.format_log_fetch(11, row[:2]), DeviceTimeoutError("no reply")]
+    with pytest.raises(DeviceTimeoutError):
+        await ch.fetch_log(max_rows=2)
+    answers += [bt2200.format_log_fetch(13, row[2:3])]
+    assert await ch.fetch_log(max_rows=2) == row[:3]
+    assert asked[-3:] == [b"DATA:LOG:FETC? 1001,2,11\n", *[b"DATA:LOG:FETC? 1001,2,13\n"] * 2]
+    assert answers == []
+
+
 def test_pyvisa_client_talks_to_the_simulator(tcp_lab: LabThread) -> None:
     import pyvisa
     from pyvisa.resources import MessageBasedResource
@@ -643,3 +755,26 @@ def test_pyvisa_client_talks_to_the_simulator(tcp_lab: LabThread) -> None:
     finally:
         inst.close()
         rm.close()
+
+
+def test_a_data_log_reply_lost_on_the_wire_loses_no_rows(
+    tcp_lab: LabThread, tcp_cycler: BatteryCycler, call: Callable[..., Any]
+) -> None:
+    # The instrument answers a log read, but the answer comes after the client's timeout
+    # (a simulator that lags at high speed does this): the rows must come with the next read.
+    ch = tcp_cycler.channels[4]
+    status, _ = _start(call, ch, [Step.discharge(2.5, 2.5, 600), Step.rest(300)])
+    _wait(call, status)
+    sim = _sim(tcp_lab)
+    written = int(sim.log_written[3])
+    assert written >= 90  # every 10 s over 900 s, plus step ends
+    sim.faults.inject("late_reply", delay_s=1.5)  # the client times out after 1.0 s
+    with pytest.raises(DeviceTimeoutError):
+        call(ch.fetch_log())
+    time.sleep(1.0)  # the late answer arrives and is discarded as stale by the next read
+    log = call(ch.fetch_log())
+    assert len(log) == written
+    assert log[0].step == 1
+    assert log[0].time_s == 1.0  # the first row: one internal step into the sequence
+    assert {r.step for r in log} == {1, 2}
+    assert call(ch.fetch_log()) == []  # and each row once

@@ -155,6 +155,50 @@ def test_cycle_cell_runs_formation_rate_test_and_cycling_streaming_the_log(
     assert channel_truth(lab, 3) == (False, 0.0)
 
 
+def test_a_log_read_answer_lost_on_the_wire_loses_no_rows(
+    lab: LabThread, devices: LabDevices, RE: RunEngine
+) -> None:
+    # The demo at 4000x: a simulator that lags answers a log read after the client's
+    # timeout. The first read of a segment then held every row of its CC-CV charge, and
+    # the segment reported charge_ah 0 and CE 0. Here the answer to the first log read
+    # of the second segment is dropped after the instrument has executed the read.
+    s = sim(lab)
+    handle = s.handle
+    seen = {"inits": 0, "dropped": 0}
+
+    async def lossy(request: bytes) -> bytes | None:
+        reply = await handle(request)
+        if b"INIT" in request.upper():
+            seen["inits"] += 1
+        elif request.startswith(b"DATA:LOG") and seen["inits"] == 2 and not seen["dropped"]:
+            seen["dropped"] += 1
+            return None  # executed, answer lost: the client times out and retries
+        return reply
+
+    s.handle = lossy  # type: ignore[method-assign]
+    docs: Docs = []
+    result = RE(
+        cycle_cell(devices, 2, protocol(), log_period_s=60, poll_s=0.2),
+        lambda name, doc: docs.append((name, doc)),
+    )
+    assert result.exit_status == "success"  # type: ignore[union-attr]
+    assert seen == {"inits": 2, "dropped": 1}
+    rows = events(docs, "cycling")
+    # Every row the instrument logged is in the stream, each once, steps in order.
+    assert len(rows) == lab.call(lambda: int(s.log_written[1]))
+    for segment in (1, 2):
+        steps = [r["step"] for r in rows if r["segment"] == segment]
+        assert steps[0] == 1
+        assert steps == sorted(steps)
+        assert set(steps) == {1, 2, 3, 4}
+    times = [r["time"] for r in rows]
+    assert times == sorted(times)
+    assert len(set(times)) == len(times)
+    cycles = events(docs, "cycles")
+    assert cycles[1]["charge_ah"] == pytest.approx(CAPACITY_AH, rel=0.06)
+    assert 0.97 < cycles[1]["coulombic_efficiency"] <= 1.0
+
+
 @pytest.mark.parametrize("lab", [{"internal_step_s": 5.0, "fade_per_efc": 0.04}], indirect=True)
 def test_capacity_retention_ends_cycling_early(
     lab: LabThread, devices: LabDevices, RE: RunEngine

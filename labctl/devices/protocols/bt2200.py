@@ -345,6 +345,19 @@ def encode_log(cell: int, max_rows: int = 1000) -> bytes:
     return scpi.encode("DATA:LOG?", cell, _int_in("max_rows", max_rows, 1, 10000))
 
 
+def encode_log_fetch(cell: int, max_rows: int = 1000, first: int | None = None) -> bytes:
+    """``DATA:LOG:FETC? <cell>,<max_rows>[,<first>]`` (extension): the rows from index
+    ``first`` on, acknowledging (letting the instrument discard) every row before it;
+    without ``first``, from the first unacknowledged row. Answered by
+    :func:`decode_log_fetch`. Unlike ``DATA:LOG?`` it loses nothing when an answer is lost:
+    asking again with the same ``first`` gets the same rows."""
+    _int_in("cell", cell, 1, 99999)
+    _int_in("max_rows", max_rows, 1, 10000)
+    if first is None:
+        return scpi.encode("DATA:LOG:FETC?", cell, max_rows)
+    return scpi.encode("DATA:LOG:FETC?", cell, max_rows, _int_in("first", first, 0, 2**62))
+
+
 def compound(*commands: bytes) -> bytes:
     """Join LF-terminated commands into one message (``A;:B;:C``) evaluated from the root."""
     if not commands:
@@ -379,6 +392,10 @@ _SECTION_SHAPES = {
     "identity": r"[^,;\r\n]+,[^,;\r\n]+,[^,;\r\n]*,[^,;\r\n]*",
     "channels": r"\(@[0-9,:]+\)",
     "step": rf"[A-Z]+,{_NR_TEXT},{_NR_TEXT},{_NR_TEXT}",
+    # DATA:LOG:FETC?: first index and count as plain integers, rows ending in their step.
+    # Stricter than "numbers", so that the tail of an earlier, longer reply (a client
+    # that timed out and flushed its input mid-reply) is read past as stale, not decoded.
+    "log": rf"\d+,\d+(?:(?:,{_NR_TEXT}){{5}},\d+)*",
 }
 _KNOWN_SECTION = re.compile("|".join(f"(?:{p})" for p in _SECTION_SHAPES.values()))
 _NAN_SECTION = re.compile(r"[+]?9\.9\d*E\+?37", re.IGNORECASE)
@@ -386,7 +403,7 @@ _NAN_SECTION = re.compile(r"[+]?9\.9\d*E\+?37", re.IGNORECASE)
 
 def expect(*sections: str) -> re.Pattern[bytes]:
     """The shape of a reply: one named section per query in the message
-    (``numbers``, ``error``, ``verbose``, ``identity``, ``channels``, ``step``)."""
+    (``numbers``, ``error``, ``verbose``, ``identity``, ``channels``, ``step``, ``log``)."""
     if not sections:
         raise ValueError("sections: need at least one")
     for name in sections:
@@ -425,6 +442,7 @@ EXPECT_NUMBERS = expect("numbers")
 EXPECT_ERROR = expect("error")
 EXPECT_IDENTITY = expect("identity")
 EXPECT_VERBOSE = expect("verbose")
+EXPECT_LOG = expect("log")
 
 
 def last_reply(raw: bytes) -> bytes:
@@ -521,7 +539,33 @@ def decode_verbose(raw: bytes) -> CellStatus:
 
 def decode_log(raw: bytes) -> list[LogRow]:
     """``<n>,t,V,I,Ah,degC,step,...`` -> rows (current converted to discharge-positive)."""
+    return _log_rows(_floats(raw, None), raw)
+
+
+@dataclass(frozen=True)
+class LogBatch:
+    """An answer to ``DATA:LOG:FETC?``: ``rows`` are the log's rows ``first``,
+    ``first + 1``, ... (indices count every row the channel logged)."""
+
+    first: int
+    rows: list[LogRow]
+
+    @property
+    def next(self) -> int:
+        """The index of the row after these (what the next read asks for)."""
+        return self.first + len(self.rows)
+
+
+def decode_log_fetch(raw: bytes) -> LogBatch:
+    """``<first>,<n>,t,V,I,Ah,degC,step,...`` -> :class:`LogBatch`."""
     values = _floats(raw, None)
+    if not values or values[0] != int(values[0]) or values[0] < 0:
+        raise ProtocolError("data log must start with the index of its first row", raw=raw)
+    return LogBatch(int(values[0]), _log_rows(values[1:], raw))
+
+
+def _log_rows(values: list[float], raw: bytes) -> list[LogRow]:
+    """``<n>,t,V,I,Ah,degC,step,...`` (numbers) -> rows."""
     if not values or values[0] != int(values[0]) or values[0] < 0:
         raise ProtocolError("data log must start with its row count", raw=raw)
     n = int(values[0])
@@ -565,6 +609,11 @@ def format_verbose(status: CellStatus) -> bytes:
         f"{status.measured:+.6E}",
     ]
     return ",".join(fields).encode("ascii") + TERMINATOR
+
+
+def format_log_fetch(first: int, rows: Sequence[LogRow]) -> bytes:
+    """The ``DATA:LOG:FETC?`` answer: ``<first>,`` then :func:`format_log`."""
+    return f"{first},".encode("ascii") + format_log(rows)
 
 
 def format_log(rows: Sequence[LogRow]) -> bytes:
