@@ -158,6 +158,8 @@ class SimulatedLab:
                 self.world.electrolyte_model(fractions, molality, temperature) if fractions else 0.0
             )
             return {"ok": True, "conductivity_mS_cm": kappa}
+        if op == "fresh_rack":  # the operator swaps used vials for empty ones
+            return {"ok": True, "vials": self.world.fresh_rack()}
         if op == "speed":  # e.g. electrolytes at 500x, then cycling at 2000x
             try:
                 self.clock.set_speed(float(request.get("speed", "")))
@@ -183,7 +185,7 @@ class SimulatedLab:
             return {"ok": True}
         return {
             "ok": False,
-            "error": f"op: unknown {op!r}; use state|list|conductivity|speed|inject|clear",
+            "error": f"op: unknown {op!r}; use state|list|conductivity|fresh_rack|speed|inject|clear",
         }
 
     def control_line(self, line: bytes) -> bytes:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TextIO
 
@@ -42,6 +43,7 @@ async def serve(
     speed: float | None = None,
     out: TextIO = sys.stdout,
     stop: asyncio.Event | None = None,
+    exit_on_stdin_eof: bool = False,
 ) -> None:
     config = load_lab_config(config_path)
     lab = SimulatedLab(config, speed=speed)
@@ -52,6 +54,15 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    if exit_on_stdin_eof:
+        # The parent holds our stdin open; when it dies, however it dies (SIGKILL
+        # too), the pipe closes and we shut down instead of running on as an orphan.
+        def watch() -> None:
+            while sys.stdin.buffer.read(4096):
+                pass
+            loop.call_soon_threadsafe(stop.set)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
     await lab.start(transport)
     control = await start_control_server(lab)
     host, port = control.sockets[0].getsockname()[:2]
@@ -68,6 +79,9 @@ async def serve(
 
 
 def main(
-    config_path: str | None = None, transport: Transport | None = None, speed: float | None = None
+    config_path: str | None = None,
+    transport: Transport | None = None,
+    speed: float | None = None,
+    exit_on_stdin_eof: bool = False,
 ) -> None:
-    asyncio.run(serve(config_path, transport, speed=speed))
+    asyncio.run(serve(config_path, transport, speed=speed, exit_on_stdin_eof=exit_on_stdin_eof))

@@ -135,6 +135,22 @@ class LabWorld:
         self.stations[station] = vial_id
         return vial
 
+    def fresh_rack(self) -> list[str]:
+        """The operator swaps the rack: each rack vial holding liquid is taken away (kept
+        in ``vials``, station ``archive``) and an empty one takes its slot. Returns the
+        new vials' ids. Rack slots whose vial is elsewhere on the deck stay empty."""
+        new = []
+        for station, vid in list(self.stations.items()):
+            if not station.startswith("rack/") or vid is None or not self.vials[vid].contents_g:
+                continue
+            self.vials[vid].station = "archive"
+            self.stations[station] = None
+            fresh = f"V{len(self.vials) + 1:02d}"
+            self.add_vial(fresh, station)
+            self.changed_at[station] = self.clock.now()
+            new.append(fresh)
+        return new
+
     def vial_at(self, station: str) -> Vial | None:
         vid = self.stations.get(station)
         return self.vials[vid] if vid else None

@@ -54,7 +54,8 @@ class SimulatedLabProcess:
         speed: float | None = None,
         start_timeout: float = 60.0,
     ) -> None:
-        self.args = [sys.executable, "-m", "labctl.cli", "mocks", "serve", "--transport", transport]
+        self.args = [sys.executable, "-m", "labctl.cli", "mocks", "serve", "--transport", transport,
+                     "--exit-with-parent"]  # fmt: skip
         if config is not None:
             self.args += ["--config", str(config)]
         if speed is not None:
@@ -66,7 +67,10 @@ class SimulatedLabProcess:
     def start(self) -> SimulatedLabProcess:
         # stderr to a file: a pipe nobody reads would block the lab once it fills.
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives with the process
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self._stderr)
+        # stdin: a pipe only we hold; if this process dies the lab sees EOF and exits.
+        self.proc = subprocess.Popen(
+            self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr
+        )
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + self.start_timeout
@@ -123,8 +127,9 @@ class SimulatedLabProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
     def __enter__(self) -> SimulatedLabProcess:
         return self.start()

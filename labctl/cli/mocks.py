@@ -21,6 +21,10 @@ def mocks_serve(
     speed: Annotated[
         float | None, typer.Option(help="Time acceleration (default: the config's).")
     ] = None,
+    exit_with_parent: Annotated[
+        bool,
+        typer.Option(help="Exit when stdin closes (the parent died): for labs a program starts."),
+    ] = False,
 ) -> None:
     """Start every instrument of the lab; print one JSON line per instrument; run until SIGINT."""
     # The one sanctioned door from labctl into the simulators (import-linter allows it).
@@ -30,7 +34,7 @@ def mocks_serve(
     if transport not in (None, "pty", "tcp"):
         raise typer.BadParameter(f"transport must be pty or tcp, got {transport!r}")
     try:
-        serve_main(str(config) if config else None, transport, speed)  # type: ignore[arg-type]
+        serve_main(str(config) if config else None, transport, speed, exit_with_parent)  # type: ignore[arg-type]
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None

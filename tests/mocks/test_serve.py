@@ -83,6 +83,7 @@ def test_serve_lists_every_instrument_and_stops_on_sigterm(transport: str) -> No
         assert empty == {"ok": True, "conductivity_mS_cm": 0.0}
         assert _control(ctl, {"op": "conductivity", "vial": "V99", "temperature_c": 25}) == {
             "ok": False, "error": "vial: unknown 'V99'"}  # fmt: skip
+        assert _control(ctl, {"op": "fresh_rack"}) == {"ok": True, "vials": []}  # none used
         # Time acceleration changes at run time; simulated time stays continuous.
         t0 = float(state["time_s"])  # type: ignore[index, arg-type]
         assert _control(ctl, {"op": "speed", "speed": 4000}) == {"ok": True, "speed": 4000.0}
@@ -114,3 +115,37 @@ def test_serve_rejects_a_bad_config_with_the_line(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert f"{cfg}:2: speed = 'fast'" in out.stderr
+
+
+def test_a_lab_started_by_a_program_exits_when_the_program_is_killed() -> None:
+    """SimulatedLabProcess passes --exit-with-parent: a SIGKILLed parent leaves no orphan."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time\n"
+            "from labctl.simlab import SimulatedLabProcess\n"
+            "lab = SimulatedLabProcess(transport='tcp').start()\n"
+            "print(lab.proc.pid, flush=True)\n"
+            "time.sleep(600)\n")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        os.kill(child, 0)  # running
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(child, signal.SIGKILL)
+            raise AssertionError(f"lab process {child} outlived its killed parent")
+    finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
