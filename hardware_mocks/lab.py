@@ -185,7 +185,8 @@ class SimulatedLab:
             return {"ok": True}
         return {
             "ok": False,
-            "error": f"op: unknown {op!r}; use state|list|conductivity|fresh_rack|speed|inject|clear",
+            "error": f"op: unknown {op!r}; use "
+            "state|list|conductivity|fresh_rack|speed|inject|clear",
         }
 
     def control_line(self, line: bytes) -> bytes:

@@ -187,8 +187,9 @@ def test_recovery_leaves_a_live_writers_journal_alone(
         assert recover(store.client, tmp_path) == []
         (path,) = pending(tmp_path)
         assert read_journal(path).events == 2
-        writer("stop", {"uid": f"{uid}-s", "run_start": uid, "time": time.time(),
-                        "exit_status": "success", "reason": "", "num_events": {"primary": 2}})  # fmt: skip
+        stop = {"uid": f"{uid}-s", "run_start": uid, "time": time.time(),
+                "exit_status": "success", "reason": "", "num_events": {"primary": 2}}  # fmt: skip
+        writer("stop", stop)
         assert pending(tmp_path) == []  # the stop waited for Tiled; the journal is gone
         assert writer.close()
         assert store.run(uid).summary.exit_status == "success"
