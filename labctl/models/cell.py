@@ -21,7 +21,6 @@ voltage of the difference between two cycles' discharge capacity-voltage curves.
 from __future__ import annotations
 
 import platform
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
+from labctl.models._export import quiet_exporter
 from labctl.models.property import regression_metrics, split_holdout
 from labctl.models.registry import (
     InputSpec,
@@ -300,11 +300,7 @@ def export_cell_model(trained: TrainedCell) -> bytes:
 
     args = tuple(torch.ones(4) for _ in FEATURES)
     batch = torch.export.Dim("batch")
-    with warnings.catch_warnings():
-        # torch's exporter warns about its own internals; nothing a user can act on.
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with quiet_exporter():
         program = torch.onnx.export(
             trained.module.eval(),
             args,

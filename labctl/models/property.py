@@ -18,7 +18,6 @@ Inside the model (torch and the exported ONNX graph alike):
 from __future__ import annotations
 
 import platform
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from labctl.models._export import quiet_exporter
 from labctl.models.descriptors import DESCRIPTOR_NAMES, SOLVENTS, descriptor_matrix
 from labctl.models.registry import (
     InputSpec,
@@ -311,12 +311,7 @@ def export_property_model(trained: TrainedProperty) -> bytes:
     module = trained.module.eval()
     args = (torch.full((4, 5), 0.2), torch.ones(4), torch.full((4,), 25.0))
     batch = torch.export.Dim("batch")
-    with warnings.catch_warnings():
-        # torch's exporter emits FutureWarnings/UserWarnings about its own internals
-        # (pytree LeafSpec, dynamic-axis renaming); nothing the user can act on.
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with quiet_exporter():
         program = torch.onnx.export(
             module,
             args,
