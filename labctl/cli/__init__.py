@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
+from labctl.cli.campaign import campaign
 from labctl.cli.mocks import mocks
+from labctl.cli.models import models
 from labctl.cli.plans import plans
 from labctl.cli.queue import queue
 from labctl.cli.runs import runs
@@ -15,7 +17,9 @@ from labctl.cli.runs import runs
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
 )
+app.add_typer(campaign, name="campaign")
 app.add_typer(mocks, name="mocks")
+app.add_typer(models, name="models")
 app.add_typer(plans, name="plans")
 app.add_typer(queue, name="queue")
 app.add_typer(runs, name="runs")
@@ -35,9 +39,14 @@ def demo(
         Path | None,
         typer.Option(help="Data directory of the embedded Tiled (env LABCTL_DATA; ./data/tiled)."),
     ] = None,
+    campaign_budget: Annotated[
+        int, typer.Option(help="Experiments of the closing campaign (0: none).")
+    ] = 12,
+    campaign_batch: Annotated[int, typer.Option(help="Its batch size.")] = 4,
 ) -> None:
     """The main job on embedded defaults: make two electrolytes, measure their conductivity
-    at three temperatures, cycle one cell; everything into the embedded Tiled."""
+    at three temperatures, cycle one cell, run a short closed-loop campaign; everything
+    into the embedded Tiled, with a report."""
     from labctl.demo import run_demo
 
     raise typer.Exit(
@@ -47,6 +56,8 @@ def demo(
             lab_config=lab_config,
             transport=transport,
             data_directory=data,
+            campaign_budget=campaign_budget,
+            campaign_batch=campaign_batch,
         )
     )
 

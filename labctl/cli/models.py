@@ -1,0 +1,152 @@
+"""`labctl models`: the ONNX model registry (list, show, verify, promote, rollback) and
+training the property model from the lab's measurements in Tiled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from labctl.models.registry import Registry
+
+models = typer.Typer(
+    no_args_is_help=True, help="ONNX models: list, show, verify, promote, rollback, train."
+)
+
+Root = Annotated[
+    Path | None,
+    typer.Option(
+        "--registry",
+        help="Registry directory (default: <data>/models, data = LABCTL_DATA or ./data/tiled).",
+    ),
+]
+
+
+def _registry(root: Path | None) -> Registry:
+    from labctl.data import DataConfig
+    from labctl.models.registry import Registry
+
+    return Registry(root or DataConfig.from_env().directory.resolve() / "models")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@models.command("list")
+def models_list(
+    registry: Root = None, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """Every model and version; * marks the promoted one."""
+    reg = _registry(registry)
+    rows: list[dict[str, Any]] = []
+    for name in reg.names():
+        promoted = reg.promoted(name)
+        for rec in reg.versions(name):
+            rows.append({"name": name, "version": rec.version, "promoted": rec.version == promoted,
+                         "kind": rec.kind, "sha256": rec.sha256, "created": rec.created,
+                         "metrics": rec.metrics, "rows": rec.training_data.rows})  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        typer.echo(f"no models in {reg.root}")
+    for r in rows:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items())
+        mark = "*" if r["promoted"] else " "
+        typer.echo(f"{mark} {r['name']:14s} {r['version']:5s} {r['sha256'][:12]}  "
+                   f"{r['created'][:19]}  {r['rows']:5d} rows  {metrics}")  # fmt: skip
+
+
+@models.command("show")
+def models_show(
+    name: Annotated[str, typer.Argument(help="Model name, e.g. conductivity.")],
+    version: Annotated[str | None, typer.Argument(help="v3, or a sha256 prefix.")] = None,
+    registry: Root = None,
+) -> None:
+    """The full metadata record (inputs with units and valid ranges, data, metrics)."""
+    from labctl.models.registry import ModelError
+
+    try:
+        rec = _registry(registry).record(name, version)
+    except (ModelError, KeyError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(rec.model_dump_json(indent=1))
+
+
+@models.command("verify")
+def models_verify(
+    name: Annotated[str, typer.Argument()],
+    version: Annotated[str | None, typer.Argument()] = None,
+    registry: Root = None,
+) -> None:
+    """Hash the stored file and compare with its record (exit 1 on a mismatch)."""
+    from labctl.models.registry import ModelError
+
+    reg = _registry(registry)
+    try:
+        reg.load_bytes(name, version)
+        rec = reg.record(name, version)
+    except (ModelError, KeyError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"ok {name} {rec.version} sha256 {rec.sha256}")
+
+
+@models.command("promote")
+def models_promote(
+    name: Annotated[str, typer.Argument()],
+    version: Annotated[str, typer.Argument()],
+    registry: Root = None,
+) -> None:
+    """Make VERSION the one loaded by default."""
+    from labctl.models.registry import ModelError
+
+    try:
+        rec = _registry(registry).promote(name, version)
+    except (ModelError, KeyError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"promoted {name} {rec.version}")
+
+
+@models.command("rollback")
+def models_rollback(name: Annotated[str, typer.Argument()], registry: Root = None) -> None:
+    """Promote again the version promoted before the current one."""
+    from labctl.models.registry import ModelError
+
+    try:
+        rec = _registry(registry).rollback(name)
+    except (ModelError, KeyError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"rolled back {name} to {rec.version}")
+
+
+@models.command("train-property")
+def models_train_property(
+    campaign: Annotated[
+        str | None, typer.Option(help="Only this campaign's measurements (default: all).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Full-batch Adam steps per member.")] = 1500,
+    registry: Root = None,
+) -> None:
+    """Train the conductivity model on the measurements in Tiled; promote if not worse."""
+    from labctl.data import DataConfig, open_store
+    from labctl.models.property import PropertyConfig
+    from labctl.models.training_data import conductivity_table
+    from labctl.models.update import update_property_model
+
+    reg = _registry(registry)
+    with open_store(DataConfig.from_env()) as store:
+        table = conductivity_table(store, campaign=campaign, equilibrated_only=False)
+    if len(table.frame) < 6:
+        raise _fail(f"{len(table.frame)} measurements in Tiled; need at least 6 to train")
+    typer.echo(f"training on {len(table.frame)} measurements ({table.query})", err=True)
+    decision = update_property_model(
+        reg, table.frame, config=PropertyConfig(epochs=epochs, molality_range=(0.0, 3.0),
+                                                temperature_range=(-30.0, 80.0)),
+        data_query=table.query, data_sha256=table.sha256,
+    )  # fmt: skip
+    typer.echo(decision.model_dump_json(indent=1))
