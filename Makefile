@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint types imports unit bench clean
+.PHONY: install demo test lint types imports unit bench bench-campaign clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: install
 	$(PY) scripts/bench_latency.py
 	$(PY) scripts/bench_tiled.py
 	$(PY) scripts/bench_onnx.py
+
+# BO vs random vs BO with the property model as prior, 3 landscapes x 10 seeds (~20 min).
+bench-campaign: install
+	$(PY) scripts/bench_campaign.py --seeds 10 --budget 40
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .import_linter_cache
