@@ -134,6 +134,8 @@ def run_demo(
     lab_config: Path | None = None,
     transport: str = "pty",
     data_directory: Path | None = None,
+    campaign_budget: int = 12,
+    campaign_batch: int = 4,
 ) -> int:
     """The demo; returns the process exit code (0: every dose in tolerance, every run ok)."""
     from bluesky import RunEngine
@@ -212,13 +214,45 @@ def run_demo(
         ok &= outcome.exit_status == "success"  # type: ignore[union-attr]
         cycling: dict[str, Any] = outcome.plan_result or {}  # type: ignore[union-attr]
 
+        closed_loop = None
+        if campaign_budget > 0:
+            control({"op": "speed", "speed": speed})  # back to the electrolytes' pace
+            closed_loop = _campaign(session, store, campaign, campaign_budget, campaign_batch)
+
     store.flush()
     rows = store.read(uids[-1], "cycling") if uids else None
     plot = _plot(samples, rows, config.directory.resolve() / "demo" / f"{campaign}.png")
     _report(samples, cycling, store, campaign, uids, plot)
+    if closed_loop is not None:
+        print(closed_loop)
     ok &= all(d["within_tolerance"] for s in samples for d in s["doses"])
     store.close()
     return 0 if ok else 1
+
+
+def _campaign(session: Any, store: Any, campaign: str, budget: int, batch: int) -> str:
+    """A short closed-loop campaign (BoTorch; the property model as prior once trained)
+    on the same lab; returns the lines to print at the end."""
+    from labctl.campaign.report import write_report
+    from labctl.campaign.runner import Campaign, CampaignConfig
+
+    cfg = CampaignConfig(
+        campaign_id=f"{campaign}-dmta", budget=budget, batch_size=batch, optimizer="bo"
+    )
+    print(f"\n== closed loop: campaign {cfg.id}, {budget} experiments in batches of {batch}")
+    t = time.monotonic()
+    result = Campaign(cfg, session, store, say=lambda text: print(text, flush=True)).run()
+    summary = result.summary()
+    out = store.config.directory.resolve() / "demo" / cfg.id
+    files = write_report(result.state, out)
+    best = summary["best"] or {}
+    fr = ", ".join(f"{k} {v:.3f}" for k, v in best.get("fractions", {}).items())
+    return (
+        f"Campaign {cfg.id}: {summary['n_experiments']} experiments in {summary['batches']} "
+        f"batches, {time.monotonic() - t:.0f} s; best {best.get('conductivity_mS_cm', 0):.3f} "
+        f"mS/cm ({fr}; LiPF6 {best.get('salt_molality', 0):.3f} mol/kg)\n"
+        f"  report: {files[-1]}\n  labctl campaign status {cfg.id}"
+    )
 
 
 def _report(

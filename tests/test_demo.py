@@ -26,7 +26,9 @@ def test_demo_makes_two_electrolytes_cycles_a_cell_and_stores_it_all(tmp_path: P
     data = tmp_path / "tiled"
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "labctl.cli", "demo", "--data", str(data)],
+            # The closing campaign shortened (12 experiments by default) to keep CI brisk.
+            [sys.executable, "-m", "labctl.cli", "demo", "--data", str(data),
+             "--campaign-budget", "4", "--campaign-batch", "2"],
             cwd=ROOT, capture_output=True, text=True, timeout=400,
         )  # fmt: skip
         out = proc.stdout
@@ -39,7 +41,15 @@ def test_demo_makes_two_electrolytes_cycles_a_cell_and_stores_it_all(tmp_path: P
         assert all(abs(e) < 3.0 for e in errors), errors
         assert (data / "demo" / f"{campaign[1]}.png").stat().st_size > 10_000
 
+        loop = re.search(r"Campaign (\S+-dmta): 4 experiments in 2 batches", out)
+        assert loop, out[-2000:]
+        assert (data / "demo" / loop[1] / "report.html").stat().st_size > 10_000
+
         with open_store(DataConfig(directory=data)) as store:
+            dmta = store.runs(campaign=loop[1])
+            assert sorted(r.plan_name for r in dmta) == [
+                "campaign_batch"] * 2 + ["prepare_and_measure"] * 4  # fmt: skip
+            assert {r.exit_status for r in dmta} == {"success"}
             runs = store.runs(campaign=campaign[1])
             assert sorted(r.plan_name for r in runs) == [
                 "cycle_cell", "prepare_and_measure", "prepare_and_measure"]  # fmt: skip
