@@ -14,6 +14,15 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SOLVENTS: tuple[str, ...] = ("EC", "PC", "EMC", "DMC", "DEC")
+# Structures of the components (run metadata, rdkit descriptors in labctl.models).
+SMILES: dict[str, str] = {
+    "EC": "C1COC(=O)O1",
+    "PC": "CC1COC(=O)O1",
+    "EMC": "CCOC(=O)OC",
+    "DMC": "COC(=O)OC",
+    "DEC": "CCOC(=O)OCC",
+    "LiPF6": "[Li+].F[P-](F)(F)(F)(F)F",
+}
 LIPF6_MOLAR_MASS = 151.905  # g/mol
 # Below this a "salt" dose is a few micrograms: not an electrolyte anyone makes.
 MIN_MOLALITY = 0.01

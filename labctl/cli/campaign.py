@@ -32,6 +32,21 @@ def _store(data: Path | None) -> Any:
         raise typer.Exit(2) from None
 
 
+def _state(campaign_id: str, data: Path | None) -> Any:
+    """The campaign's state from Tiled; exit 1 when there is no such campaign."""
+    from labctl.campaign.runner import read_state
+
+    store = _store(data)
+    try:
+        state = read_state(store, campaign_id)
+    finally:
+        store.close()
+    if not state.experiments:
+        typer.echo(f"no campaign {campaign_id!r} in Tiled", err=True)
+        raise typer.Exit(1)
+    return state
+
+
 @campaign.command("run")
 def run(
     config: Annotated[
@@ -96,16 +111,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """What a campaign has measured, skipped and still has to do (read from Tiled)."""
-    from labctl.campaign.runner import CampaignConfig, read_state
+    from labctl.campaign.runner import CampaignConfig
 
-    store = _store(data)
-    try:
-        state = read_state(store, campaign_id)
-    finally:
-        store.close()
-    if not state.experiments:
-        typer.echo(f"no campaign {campaign_id!r} in Tiled", err=True)
-        raise typer.Exit(1)
+    state = _state(campaign_id, data)
     cfg = CampaignConfig.model_validate(state.config or {})
     if as_json:
         typer.echo(json.dumps([e.as_dict() for e in state.experiments], default=str))
@@ -129,15 +137,7 @@ def report(
 ) -> None:
     """Plots (trace, best so far, measured landscape) as PNG and one HTML page."""
     from labctl.campaign.report import write_report
-    from labctl.campaign.runner import read_state
 
-    store = _store(data)
-    try:
-        state = read_state(store, campaign_id)
-    finally:
-        store.close()
-    if not state.experiments:
-        typer.echo(f"no campaign {campaign_id!r} in Tiled", err=True)
-        raise typer.Exit(1)
+    state = _state(campaign_id, data)
     for path in write_report(state, out or Path("reports") / campaign_id):
         typer.echo(str(path))

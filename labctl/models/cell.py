@@ -39,7 +39,7 @@ from labctl.models.registry import (
     Registry,
     TrainingDataInfo,
 )
-from labctl.models.runtime import OnnxModel, ProviderChoice, load_model
+from labctl.models.runtime import Predictor
 
 if TYPE_CHECKING:
     import pandas
@@ -362,29 +362,11 @@ def register_cell_model(
     return record
 
 
-class CellPredictor:
+class CellPredictor(Predictor):
     """Capacity retention of cells from their early cycles, from a stored ONNX model."""
 
-    def __init__(self, model: OnnxModel) -> None:
-        if model.record.kind != "cell":
-            raise ValueError(
-                f"model {model.record.name}: kind {model.record.kind!r}, not a cell model"
-            )
-        self.model = model
-        self.record: ModelRecord = model.record
-        self.provider: str = model.provider
-
-    @classmethod
-    def load(
-        cls,
-        registry: str | Path | Registry,
-        name: str = "cell_retention",
-        version: str | None = None,
-        *,
-        provider: ProviderChoice = "auto",
-    ) -> CellPredictor:
-        """The model ``name`` from ``registry`` (``version``; None: the promoted one)."""
-        return cls(load_model(registry, name, version, provider=provider))
+    kind = "cell"
+    default_name = "cell_retention"
 
     def predict_features(self, features: Mapping[str, ArrayLike]) -> NDArray[np.float64]:
         """Retention for feature columns (each (n,)), checked against the valid ranges."""

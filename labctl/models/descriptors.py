@@ -15,6 +15,8 @@ from functools import lru_cache
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from labctl import recipes
+
 __all__ = [
     "DESCRIPTOR_NAMES",
     "SMILES",
@@ -24,16 +26,8 @@ __all__ = [
     "solvent_descriptors",
 ]
 
-SOLVENTS: tuple[str, ...] = ("EC", "PC", "EMC", "DMC", "DEC")
-# Same strings as labctl.plans.common.SMILES (a test checks); kept here so that the
-# models package does not import bluesky through labctl.plans.
-SMILES: dict[str, str] = {
-    "EC": "C1COC(=O)O1",
-    "PC": "CC1COC(=O)O1",
-    "EMC": "CCOC(=O)OC",
-    "DMC": "COC(=O)OC",
-    "DEC": "CCOC(=O)OCC",
-}
+SOLVENTS: tuple[str, ...] = recipes.SOLVENTS
+SMILES: dict[str, str] = {k: recipes.SMILES[k] for k in SOLVENTS}
 DESCRIPTOR_NAMES: tuple[str, ...] = (
     "MolWt",
     "TPSA",

@@ -35,7 +35,7 @@ from labctl.models.registry import (
     Registry,
     TrainingDataInfo,
 )
-from labctl.models.runtime import OnnxModel, ProviderChoice, load_model
+from labctl.models.runtime import Predictor
 
 if TYPE_CHECKING:
     import pandas
@@ -394,33 +394,15 @@ def register_property_model(
     return record
 
 
-class PropertyPredictor:
+class PropertyPredictor(Predictor):
     """Conductivity (mean, std in mS/cm) of formulations, from a stored ONNX model.
 
     Uses onnxruntime only (no torch). Inputs are checked against the model's valid
     ranges; an out-of-range value raises ``InputRangeError`` naming the input.
     """
 
-    def __init__(self, model: OnnxModel) -> None:
-        if model.record.kind != "property":
-            raise ValueError(
-                f"model {model.record.name}: kind {model.record.kind!r}, not a property model"
-            )
-        self.model = model
-        self.record: ModelRecord = model.record
-        self.provider: str = model.provider
-
-    @classmethod
-    def load(
-        cls,
-        registry: str | Path | Registry,
-        name: str = "conductivity",
-        version: str | None = None,
-        *,
-        provider: ProviderChoice = "auto",
-    ) -> PropertyPredictor:
-        """The model ``name`` from ``registry`` (``version``; None: the promoted one)."""
-        return cls(load_model(registry, name, version, provider=provider))
+    kind = "property"
+    default_name = "conductivity"
 
     def predict(
         self,

@@ -14,7 +14,7 @@ import json
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import numpy as np
 from numpy.typing import NDArray
@@ -35,6 +35,7 @@ __all__ = [
     "CUDA",
     "InputRangeError",
     "OnnxModel",
+    "Predictor",
     "ProviderChoice",
     "check_inputs",
     "cuda_usable",
@@ -253,3 +254,35 @@ def metadata_of(model: OnnxModel) -> dict[str, Any]:
     meta = model.session.get_modelmeta().custom_metadata_map
     data: dict[str, Any] = json.loads(meta[METADATA_KEY])
     return data
+
+
+class Predictor:
+    """A stored ONNX model of one ``kind``, served by onnxruntime (no torch).
+
+    Subclasses set ``kind`` and ``default_name`` and add their ``predict``.
+    """
+
+    kind: str = ""
+    default_name: str = ""
+
+    def __init__(self, model: OnnxModel) -> None:
+        if model.record.kind != self.kind:
+            raise ValueError(
+                f"model {model.record.name}: kind {model.record.kind!r}, not a {self.kind} model"
+            )
+        self.model = model
+        self.record: ModelRecord = model.record
+        self.provider: str = model.provider
+
+    @classmethod
+    def load(
+        cls,
+        registry: str | Path | Registry,
+        name: str | None = None,
+        version: str | None = None,
+        *,
+        provider: ProviderChoice = "auto",
+    ) -> Self:
+        """The model ``name`` (default: the kind's) from ``registry`` (``version``; None:
+        the promoted one)."""
+        return cls(load_model(registry, name or cls.default_name, version, provider=provider))

@@ -34,6 +34,7 @@ from bluesky.utils import FailedStatus, Msg, RunEngineControlException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 import labctl
+from labctl import recipes
 from labctl.devices.errors import InstrumentError
 
 Plan = Generator[Msg, Any, Any]
@@ -43,14 +44,7 @@ M = TypeVar("M", bound=BaseModel)
 # bluesky is untyped: Msg(...) through a typed alias keeps mypy --strict quiet.
 _Msg = cast(Callable[..., Msg], Msg)
 
-SMILES: dict[str, str] = {
-    "EC": "C1COC(=O)O1",
-    "PC": "CC1COC(=O)O1",
-    "EMC": "CCOC(=O)OC",
-    "DMC": "COC(=O)OC",
-    "DEC": "CCOC(=O)OCC",
-    "LiPF6": "[Li+].F[P-](F)(F)(F)(F)F",
-}
+SMILES = recipes.SMILES  # re-exported: plans put them in start documents
 
 
 class PlanError(RuntimeError):

@@ -19,16 +19,9 @@ from labctl.devices.lab import build_lab_devices
 from labctl.plans.electrolyte import prepare_and_measure
 from labctl.recipes import default_reagents
 from tests.conftest import start_lab
-from tests.data import new_campaign, session_server
+from tests.data import new_campaign
 
 SPEED = 1000.0
-
-
-@pytest.fixture(scope="session")
-def sqlite_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[DataConfig, ServerRecord]:
-    return session_server(request, tmp_path_factory, "sqlite")
 
 
 def test_prepare_and_measure_is_stored_with_its_recipe_and_streams(

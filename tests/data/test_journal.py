@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +29,7 @@ from labctl.data.journal import (
     read_journal,
     recover,
 )
-from tests.data import Counter, new_campaign, session_server, uids_of
-
-
-@pytest.fixture(scope="session")
-def sqlite_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[DataConfig, ServerRecord]:
-    return session_server(request, tmp_path_factory, "sqlite")
-
-
-@pytest.fixture
-def store(sqlite_server: tuple[DataConfig, ServerRecord]) -> Iterator[Store]:
-    with open_store(sqlite_server[0]) as s:
-        yield s
-
-
-@pytest.fixture
-def counter(call: Callable[..., Any]) -> Counter:
-    device = Counter()
-    call(device.connect())
-    return device
+from tests.data import Counter, new_campaign, uids_of
 
 
 def test_events_are_written_in_batches_and_all_arrive_in_order(

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from labctl.data import DataConfig, ServerRecord, open_store
-from tests.data import new_campaign, session_server
+from labctl.data import open_store
+from tests.data import new_campaign
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIRMED = 12
@@ -43,20 +43,6 @@ counter = Counter()
 call_in_bluesky_event_loop(counter.connect())
 RE(bp.count([counter], num=100000, delay=0.01), campaign_id=sys.argv[2])
 """
-
-
-@pytest.fixture(scope="session")
-def sqlite_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[DataConfig, ServerRecord]:
-    return session_server(request, tmp_path_factory, "sqlite")
-
-
-@pytest.fixture(scope="session")
-def postgresql_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[DataConfig, ServerRecord]:
-    return session_server(request, tmp_path_factory, "postgresql")
 
 
 @pytest.mark.subprocess

@@ -14,23 +14,15 @@ from typing import Any
 
 import asyncpg
 import bluesky.plans as bp
-import pytest
 from bluesky import RunEngine
 from typer.testing import CliRunner
 
 from labctl.cli import app
 from labctl.data import DataConfig, ServerRecord, open_store
 from labctl.data.server import ensure_postgres_database
-from tests.data import Counter, new_campaign, session_server, uids_of
+from tests.data import Counter, new_campaign, uids_of
 
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-@pytest.fixture(scope="session")
-def postgresql_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[DataConfig, ServerRecord]:
-    return session_server(request, tmp_path_factory, "postgresql")
 
 
 def fetch(sql: str, *args: Any) -> list[Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -29,29 +29,9 @@ from labctl.data.config import redact
 from labctl.data.server import RECORD, ensure_server, read_record, stop_server, write_record
 from labctl.devices.balance import Balance
 from tests.conftest import start_lab
-from tests.data import Counter, new_campaign, session_server, uids_of
+from tests.data import Counter, new_campaign, uids_of
 
 Docs = list[tuple[str, dict[str, Any]]]
-
-
-@pytest.fixture(scope="session")
-def sqlite_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[DataConfig, ServerRecord]:
-    return session_server(request, tmp_path_factory, "sqlite")
-
-
-@pytest.fixture
-def store(sqlite_server: tuple[DataConfig, ServerRecord]) -> Iterator[Store]:
-    with open_store(sqlite_server[0]) as s:
-        yield s
-
-
-@pytest.fixture
-def counter(call: Callable[..., Any]) -> Counter:
-    device = Counter()
-    call(device.connect())
-    return device
 
 
 def record(RE: RunEngine, store: Store) -> Docs:
