@@ -450,7 +450,8 @@ class Campaign:
         space = self.config.space
         cfg = PropertyConfig(
             epochs=self.config.model_epochs, seed=self.config.seed,
-            molality_range=(space.molality_min, space.molality_max),
+            # Wider than the design space: measured compositions land a hair outside it.
+            molality_range=(0.0, max(3.0, space.molality_max * 1.5)),
             temperature_range=(-30.0, 80.0),
         )  # fmt: skip
         t = time.monotonic()

@@ -90,6 +90,15 @@ def _decide(
     """Score candidate and incumbent on the same held-out rows; promote if not worse."""
     name, metric = candidate.name, candidate.primary_metric
     incumbent_version = reg.promoted(name)
+    # Held-out rows the candidate itself refuses (a measured molality a hair outside its
+    # declared range) cannot score it: compare on the rows it accepts.
+    inside = in_valid_range(candidate, held)
+    held, truth = held[inside], truth[inside]
+    if not len(held):
+        raise ValueError(
+            f"{name} {candidate.version}: none of the held-out rows lies inside its valid "
+            "ranges; widen the training ranges (PropertyConfig.molality_range, ...)"
+        )
     cand_all = predict(candidate.version, held)
     base = {
         **base,

@@ -115,3 +115,17 @@ def test_cell_model_update_refuses_a_worse_fit(
     assert reg.promoted("cell_retention") == "v1"
     assert decision.compared_rows == len(held) == decision.holdout_rows
     assert decision.candidate_score > 2 * (decision.incumbent_score or 0.0), decision.reason
+
+
+def test_held_out_rows_outside_the_candidates_ranges_do_not_break_the_update(
+    tmp_path: Path,
+) -> None:
+    """A measured molality a hair below the declared range (the balance achieved 0.199
+    mol/kg where 0.2 was asked for) must not make the update raise (it did in the demo)."""
+    data = conductivity_data(40, seed=7)
+    held = conductivity_data(6, seed=8)
+    held.loc[held.index[0], "salt_molality"] = 0.1989775
+    decision = update_property_model(
+        Registry(tmp_path), data, config=CFG.model_copy(update={"epochs": 50}), holdout=held
+    )
+    assert decision.promoted and decision.holdout_rows == 5  # the out-of-range row left out
