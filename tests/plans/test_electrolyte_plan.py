@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -77,17 +75,3 @@ def test_prepare_and_measure_makes_the_recipe_and_measures_it(
     assert streams == ["dosing", "doses", "composition", "conductivity_readings", "conductivity"]
     (point,) = [d["data"] for n, d in docs if n == "event" and "equilibrated" in d["data"]]
     assert point["conductivity_mS_cm"] == pytest.approx(result["conductivity_mS_cm"])
-
-
-@pytest.mark.subprocess
-def test_make_demo_entry_point_runs_end_to_end() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "labctl.cli", "demo", "--speed", "400"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "run finished: success" in out.stdout
-    line = next(l for l in out.stdout.splitlines() if l.startswith("Conductivity:"))
-    measured = float(line.split()[1])
-    truth = float(line.split("ground truth now: ")[1].split()[0])
-    assert measured == pytest.approx(truth, rel=0.03)
