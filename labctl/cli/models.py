@@ -150,3 +150,39 @@ def models_train_property(
         data_query=table.query, data_sha256=table.sha256,
     )  # fmt: skip
     typer.echo(decision.model_dump_json(indent=1))
+
+
+@models.command("train-cell")
+def models_train_cell(
+    target_cycle: Annotated[int, typer.Option(help="Cycle whose capacity retention to predict.")],
+    campaign: Annotated[str | None, typer.Option(help="Only this campaign's cells.")] = None,
+    registry: Root = None,
+) -> None:
+    """Fit the cell model on the cycle_cell runs in Tiled (early-cycle features ->
+    retention at TARGET_CYCLE); promote if not worse. Cells need TARGET_CYCLE cycles."""
+    import hashlib
+
+    from labctl.data import DataConfig, open_store
+    from labctl.models.cell import CellConfig, feature_table
+    from labctl.models.training_data import cell_cycles_table
+    from labctl.models.update import update_cell_model
+
+    reg = _registry(registry)
+    with open_store(DataConfig.from_env()) as store:
+        cells, skipped = cell_cycles_table(store, campaign=campaign, min_cycles=2)
+    usable = [c for c in cells if target_cycle in set(c.summary["cycle"])]
+    for uid, why in skipped.items():
+        typer.echo(f"left out run {uid}: {why}", err=True)
+    if len(usable) < 4:
+        raise _fail(
+            f"{len(usable)} cells in Tiled reached cycle {target_cycle} ({len(cells)} cycled); "
+            "need at least 4"
+        )
+    table = feature_table(usable, target_cycle)
+    digest = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
+    query = f"cycle_cell runs (campaign={campaign!r}), retention at cycle {target_cycle}"
+    decision = update_cell_model(
+        reg, table, config=CellConfig(target_cycle=target_cycle), data_query=query,
+        data_sha256=digest,
+    )  # fmt: skip
+    typer.echo(decision.model_dump_json(indent=1))

@@ -1,4 +1,5 @@
-"""Training data for the property model: the lab's conductivity measurements, from Tiled.
+"""Training data from Tiled: conductivity measurements (property model) and cycled cells
+(cell model, :func:`cell_cycles_table`).
 
 :func:`conductivity_table` reads the runs of ``prepare_and_measure`` and
 ``measure_conductivity`` (labctl.plans.electrolyte) from a :class:`labctl.data.Store`
@@ -29,8 +30,16 @@ if TYPE_CHECKING:
     import pandas
 
     from labctl.data.store import Store
+    from labctl.models.cell import CellCycles
 
-__all__ = ["MEASUREMENT_PLANS", "TrainingTable", "conductivity_table", "table_sha256"]
+__all__ = [
+    "MEASUREMENT_PLANS",
+    "TrainingTable",
+    "cell_cycles",
+    "cell_cycles_table",
+    "conductivity_table",
+    "table_sha256",
+]
 
 MEASUREMENT_PLANS: tuple[str, ...] = ("prepare_and_measure", "measure_conductivity")
 VALUE_COLUMNS: tuple[str, ...] = (
@@ -164,3 +173,82 @@ def conductivity_table(
         sort_keys=True,
     )
     return TrainingTable(frame, query, table_sha256(frame), used, skipped)
+
+
+# -- cells -------------------------------------------------------------------------------
+
+
+def cell_cycles(store: Store, uid: str) -> CellCycles:
+    """One ``cycle_cell`` run as :class:`labctl.models.cell.CellCycles`.
+
+    Every segment of the run (formation, rate test, cycling) counts as one cycle of the
+    cell, numbered as the plan numbered them. Per cycle: charge and discharge capacity
+    and coulombic efficiency from the ``cycles`` stream; ``resistance_ohm``, the DC
+    resistance at the first data-log row of the discharge (the voltage step from the
+    rest before it over the discharge current; ``log_period_s`` after the step, so it
+    includes some polarisation, consistently from cycle to cycle); the discharge Q(V)
+    curve from the ``cycling`` stream (the last attempt of each segment).
+    """
+    import numpy as np
+    import pandas
+
+    from labctl.models.cell import CellCycles
+
+    info = store.run(uid)
+    if "cycles" not in info.streams or "cycling" not in info.streams:
+        raise ValueError(
+            f"run {uid}: not a cycle_cell run with data (streams {list(info.streams)})"
+        )
+    cycles = store.read(uid, "cycles")
+    rows = store.read(uid, "cycling")
+    summary, qv = [], {}
+    for _, c in cycles.iterrows():
+        n = int(c["cycle"])
+        seg = rows[rows["segment"] == n]
+        if len(seg):
+            seg = seg[seg["attempt"] == seg["attempt"].max()]
+        discharging = seg[seg["current"] > 0]
+        resistance = float("nan")
+        if len(discharging):
+            first = discharging.index[0]
+            before = seg.loc[: first - 1]
+            if len(before) and abs(float(before["current"].iloc[-1])) < 1e-6:
+                dv = float(before["voltage"].iloc[-1]) - float(discharging["voltage"].iloc[0])
+                resistance = dv / float(discharging["current"].iloc[0])
+            qv[n] = (discharging["voltage"].to_numpy(), discharging["capacity"].to_numpy())
+        summary.append({
+            "cycle": n, "charge_capacity_ah": float(c["charge_ah"]),
+            "discharge_capacity_ah": float(c["discharge_ah"]),
+            "coulombic_efficiency": float(c["coulombic_efficiency"]),
+            "resistance_ohm": resistance,
+        })  # fmt: skip
+    frame = pandas.DataFrame(summary)
+    if frame["resistance_ohm"].isna().all():
+        raise ValueError(f"run {uid}: no rest-to-discharge step to estimate a resistance from")
+    frame["resistance_ohm"] = frame["resistance_ohm"].fillna(
+        float(np.nanmedian(frame["resistance_ohm"]))
+    )
+    cell_id = str(info.start.get("cell_id") or info.summary.sample_id or uid)
+    return CellCycles(summary=frame, qv=qv, cell_id=cell_id)
+
+
+def cell_cycles_table(
+    store: Store, *, campaign: str | None = None, min_cycles: int = 2
+) -> tuple[list[CellCycles], dict[str, str]]:
+    """Every successful ``cycle_cell`` run (of ``campaign``) with at least ``min_cycles``
+    cycles, as CellCycles; and the runs left out with the reason."""
+    cells, skipped = [], {}
+    for s in store.runs(campaign=campaign, plan="cycle_cell"):
+        if s.exit_status != "success":
+            skipped[s.uid] = f"exit status {s.exit_status}"
+            continue
+        try:
+            cell = cell_cycles(store, s.uid)
+        except ValueError as exc:
+            skipped[s.uid] = str(exc)
+            continue
+        if len(cell.qv) < min_cycles:
+            skipped[s.uid] = f"{len(cell.qv)} cycles with a discharge (need {min_cycles})"
+            continue
+        cells.append(cell)
+    return cells, skipped

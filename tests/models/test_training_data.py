@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from bluesky import RunEngine
@@ -164,3 +165,53 @@ def test_measurements_in_tiled_become_training_rows(
     assert frame[list(SOLVENTS)].sum(axis=1).to_numpy() == pytest.approx(1.0)
     assert frame["conductivity_mS_cm"].iloc[1] > frame["conductivity_mS_cm"].iloc[0] > 1.0
     assert again.sha256 == table.sha256 and campaign in table.query
+
+
+def test_cycled_cells_come_back_from_tiled_with_severson_features(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    RE: RunEngine,
+    call: Callable[..., Any],
+) -> None:
+    """A real cycle_cell run on the simulated cycler, stored in Tiled, read back as a
+    CellCycles whose numbers match the run's own summary."""
+    from hardware_mocks.lab import LabThread
+    from labctl.devices.lab import build_lab_devices
+    from labctl.models.cell import severson_features
+    from labctl.models.training_data import cell_cycles_table
+    from labctl.plans.cycling import cycle_cell
+    from tests.conftest import lab_config
+
+    config, _ = session_server(request, tmp_path_factory, "sqlite")
+    cfg = lab_config("cycler")
+    cfg.instruments[0].options.update(capacity_ah=2.0, internal_step_s=5.0)
+    lab = LabThread(cfg, transport="tcp", speed=5000.0).start()
+    campaign = new_campaign()
+    try:
+        devices = build_lab_devices(lab.call(lab.lab.describe), reagents=[])
+        call(devices.connect(timeout=20))
+        cycling = {"cycles": 3, "charge_c_rate": 2.0, "discharge_c_rate": 2.0}
+        protocol = {"nominal_capacity_ah": 2.0, "rest_s": 60.0, "formation": None,
+                    "rate_test": None, "cycling": cycling}  # fmt: skip
+        with open_store(config) as store:
+            store.subscribe(RE)
+            out = RE(cycle_cell(devices, 1, protocol, cell_id="C-7", campaign_id=campaign,
+                                time_scale=5000.0))  # fmt: skip
+            assert out.exit_status == "success"  # type: ignore[union-attr]
+            (cell,), skipped = cell_cycles_table(store, campaign=campaign)
+        call(devices.disconnect())
+    finally:
+        lab.stop()
+    assert skipped == {}
+    assert cell.cell_id == "C-7"
+    assert list(cell.summary["cycle"]) == [1, 2, 3] and sorted(cell.qv) == [1, 2, 3]
+    result = out.plan_result["cycles"]  # type: ignore[union-attr]
+    assert list(cell.summary["discharge_capacity_ah"]) == pytest.approx(
+        [c["discharge_ah"] for c in result])  # fmt: skip
+    assert (cell.summary["discharge_capacity_ah"] > 1.5).all()
+    r = cell.summary["resistance_ohm"]
+    assert (r > 0.005).all() and (r < 0.5).all()  # a 2 Ah cell's DC resistance, ohm
+    v, q = cell.qv[2]
+    assert min(v) < 3.0 < max(v) and max(q) == pytest.approx(result[1]["discharge_ah"], rel=0.02)
+    features = severson_features(cell)  # cycles 1 and 3: the earliest pair available
+    assert all(np.isfinite(list(features.values()))), features
