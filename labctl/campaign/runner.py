@@ -199,8 +199,18 @@ class CampaignState:
         return out
 
 
-def read_state(store: Store, campaign_id: str, objective_c: float = 25.0) -> CampaignState:
-    """The campaign's batches and experiments as Tiled holds them."""
+def read_state(
+    store: Store,
+    campaign_id: str,
+    objective_c: float = 25.0,
+    cache: dict[str, Any] | None = None,
+) -> CampaignState:
+    """The campaign's batches and experiments as Tiled holds them.
+
+    ``cache`` (kept by a caller that reads the state again and again, as the loop does
+    after every experiment) holds what a finished run said (a batch's start document,
+    an experiment's measurement): those never change, so only new runs are read."""
+    cache = cache if cache is not None else {}
     experiments: dict[str, Experiment] = {}
     batches = 0
     config = None
@@ -208,7 +218,9 @@ def read_state(store: Store, campaign_id: str, objective_c: float = 25.0) -> Cam
     for s in sorted(summaries, key=lambda s: s.time):
         if s.plan_name != BATCH_PLAN or s.exit_status != "success":
             continue
-        start = store.run(s.uid).start
+        if s.uid not in cache:
+            cache[s.uid] = store.run(s.uid).start
+        start = cache[s.uid]
         batches = max(batches, int(start["batch"]) + 1)
         config = config or start.get("campaign_config")
         for item in start["suggestions"]:
@@ -225,7 +237,9 @@ def read_state(store: Store, campaign_id: str, objective_c: float = 25.0) -> Cam
             continue
         exp.attempts.append(Attempt(s.uid, s.sample_id, s.exit_status, s.reason or ""))
         if s.exit_status == "success" and exp.measured is None:
-            exp.measured = _measured(store, s.uid, objective_c) | {"time": s.time}
+            if s.uid not in cache:
+                cache[s.uid] = _measured(store, s.uid, objective_c) | {"time": s.time}
+            exp.measured = dict(cache[s.uid])
     ordered = sorted(experiments.values(), key=lambda e: e.id)
     return CampaignState(campaign_id, ordered, batches, config)
 
@@ -245,19 +259,6 @@ def _measured(store: Store, uid: str, objective_c: float) -> dict[str, Any]:
 
 
 # -- the loop ------------------------------------------------------------------------------
-
-
-def observed_point(space: DesignSpace, fractions: dict[str, float], molality: float) -> Any:
-    """A measured composition as an encoded point, without the feasibility check: what
-    the balance achieved can sit a hair outside the space (2.00001 mol/kg when 2.0 was
-    asked for, EC+PC 0.0999 at the 0.1 bound), and it is data all the same."""
-    x = np.zeros(space.dim)
-    for k, v in fractions.items():
-        x[SOLVENTS.index(k)] = max(0.0, float(v))
-    x[:5] /= x[:5].sum()
-    scaled = (molality - space.molality_min) / (space.molality_max - space.molality_min)
-    x[5] = min(1.0, max(0.0, scaled))
-    return x
 
 
 def record_batch(md: dict[str, Any]) -> Generator[Msg, Any, str]:
@@ -315,11 +316,12 @@ class Campaign:
         self.say = say
         self.model_log: list[dict[str, Any]] = []
         self.new_runs = 0
+        self._seen: dict[str, Any] = {}  # finished runs already read (see read_state)
 
     # -- pieces ------------------------------------------------------------------------
 
     def state(self) -> CampaignState:
-        return read_state(self.store, self.config.id, self.config.space.temperature_c)
+        return read_state(self.store, self.config.id, self.config.space.temperature_c, self._seen)
 
     def _prior(self) -> Any:
         if not (self.config.use_prior and self.config.optimizer == "bo"):
@@ -341,7 +343,7 @@ class Campaign:
         space = self.config.space
         done = state.done()
         measured = [e.measured for e in done if e.measured is not None]
-        x = np.array([observed_point(space, m["fractions"], m["salt_molality"]) for m in measured])
+        x = np.array([space.encode_measured(m["fractions"], m["salt_molality"]) for m in measured])
         x = x.reshape(-1, space.dim)
         y = np.array([m["conductivity_mS_cm"] for m in measured])
         opt = BayesianOptimizer(space) if self.config.optimizer == "bo" else RandomSearch(space)

@@ -153,6 +153,16 @@ def _decide(
     )
 
 
+def _split(
+    data: pandas.DataFrame, holdout: pandas.DataFrame | None, fraction: float, seed: int
+) -> tuple[pandas.DataFrame, pandas.DataFrame]:
+    """(train, held-out): ``holdout`` when given, else a seeded ``fraction`` of ``data``."""
+    if holdout is not None:
+        return data, holdout
+    tr, ho = split_holdout(len(data), fraction, seed)
+    return data.iloc[tr], data.iloc[ho]
+
+
 def update_property_model(
     registry: str | Path | Registry,
     data: pandas.DataFrame,
@@ -173,11 +183,7 @@ def update_property_model(
     """
     reg = registry if isinstance(registry, Registry) else Registry(registry)
     cfg = config or PropertyConfig()
-    if holdout is None:
-        tr, ho = split_holdout(len(data), cfg.holdout_fraction, cfg.seed)
-        train, held = data.iloc[tr], data.iloc[ho]
-    else:
-        train, held = data, holdout
+    train, held = _split(data, holdout, cfg.holdout_fraction, cfg.seed)
     trained = train_property_model(
         train, cfg, data_query=data_query, data_sha256=data_sha256, holdout=held
     )
@@ -207,11 +213,7 @@ def update_cell_model(
     the retention on held-out cells), as :func:`update_property_model` does."""
     reg = registry if isinstance(registry, Registry) else Registry(registry)
     cfg = config or CellConfig()
-    if holdout is None:
-        tr, ho = split_holdout(len(table), cfg.holdout_fraction, cfg.seed)
-        train, held = table.iloc[tr], table.iloc[ho]
-    else:
-        train, held = table, holdout
+    train, held = _split(table, holdout, cfg.holdout_fraction, cfg.seed)
     trained = train_cell_model(
         train, cfg, data_query=data_query, data_sha256=data_sha256, holdout=held
     )

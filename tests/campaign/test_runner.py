@@ -152,13 +152,12 @@ def test_a_failing_experiment_is_retried_then_skipped_and_the_deck_cleared(
 
 
 def test_a_measured_composition_a_hair_outside_the_space_is_still_data() -> None:
-    from labctl.campaign.runner import observed_point
     from labctl.campaign.space import DesignSpace
 
     space = DesignSpace()
-    x = observed_point(space, {"EC": 0.0999, "DMC": 0.9001}, 2.0000145)
+    x = space.encode_measured({"EC": 0.0999, "DMC": 0.9001}, 2.0000145)
     assert x.tolist() == pytest.approx([0.0999, 0.0, 0.0, 0.9001, 0.0, 1.0])
-    assert observed_point(space, {"PC": 2.0, "EMC": 2.0}, 0.1)[[1, 2, 5]].tolist() == [
+    assert space.encode_measured({"PC": 2.0, "EMC": 2.0}, 0.1)[[1, 2, 5]].tolist() == [
         0.5,
         0.5,
         0.0,

@@ -166,13 +166,22 @@ def test_measure_conductivity_equilibrates_at_each_temperature(
     assert out["points"] == [{k: v for k, v in p.items() if k != "sample_id"} for p in points]
 
 
-def pause_during_first_move_of(RE: RunEngine, device: str) -> list[threading.Thread]:
-    """Request a pause 0.1 s after the RunEngine starts moving ``device`` (so the pause
-    lands while it waits for the move, where a cancellation always gets through)."""
+def pause_during_first_move_of(
+    RE: RunEngine, device: str, when: Callable[[], bool] | None = None
+) -> list[threading.Thread]:
+    """Request a pause once the RunEngine has started moving ``device``: 0.1 s later (so
+    the pause lands while it waits for the move, where a cancellation always gets
+    through), or as soon as ``when()`` holds (polled; 10 s at most)."""
     threads: list[threading.Thread] = []
 
     def pause_soon() -> None:
-        time.sleep(0.1)
+        if when is None:
+            time.sleep(0.1)
+        else:
+            deadline = time.monotonic() + 10
+            while not when():
+                assert time.monotonic() < deadline, "the pause condition never held"
+                time.sleep(0.002)
         RE.request_pause()  # type: ignore[no-untyped-call]
 
     def hook(msg: Msg) -> None:
@@ -219,22 +228,11 @@ def test_pause_during_a_robot_transfer_finishes_it_and_resume_completes_the_plan
     finishes (the vial is put down, not left in the jaws), the run pauses, and resume
     goes on to dose as if nothing happened."""
     assert devices.robot is not None
-    name = devices.robot.transfer.name
-    paused: list[threading.Thread] = []
 
-    def pause_when_in_the_jaws() -> None:  # V01 has left rack/1 and not reached the balance
-        deadline = time.monotonic() + 10
-        while lab.call(lab.world.snapshot)["vials"]["V01"]["station"] != "gripper":
-            assert time.monotonic() < deadline, "the vial was never picked up"
-            time.sleep(0.002)
-        RE.request_pause()  # type: ignore[no-untyped-call]
+    def in_the_jaws() -> bool:  # V01 has left rack/1 and not reached the balance
+        return bool(lab.call(lab.world.snapshot)["vials"]["V01"]["station"] == "gripper")
 
-    def hook(msg: Msg) -> None:
-        if msg.command == "set" and getattr(msg.obj, "name", "") == name and not paused:
-            paused.append(threading.Thread(target=pause_when_in_the_jaws))
-            paused[0].start()
-
-    RE.msg_hook = hook  # type: ignore[assignment]
+    paused = pause_during_first_move_of(RE, devices.robot.transfer.name, when=in_the_jaws)
     docs: Docs = []
     with pytest.raises(RunEngineInterrupted):
         RE(
