@@ -98,6 +98,12 @@ internal step on the measured (noisy) voltage and current magnitude. Electrolyte
 a channel is initiated while a vial with liquid sits at the ``cell`` station, that cell
 takes the vial's conductivity at 25 C (``world.electrolyte_model``); otherwise a
 10 mS/cm reference electrolyte (the initiate models a freshly filled cell).
+
+Cells: each channel holds one cell for the simulator's life (its age carries over from
+run to run). Options ``fade_per_efc`` and ``resistance_growth_per_efc`` set the
+design's ageing rates; ``ageing_spread`` and ``capacity_spread`` (default 0: identical
+cells) give each channel's cell its own ageing-rate and fresh-capacity factor, drawn
+from ``seed`` (:func:`hardware_mocks.physics.cell.cell_variation`).
 """
 
 from __future__ import annotations
@@ -123,6 +129,7 @@ VOLTAGE_LIMITS = (2.0, 4.5)
 _SLICE_CALLS = 100  # physics steps (~0.2 ms each) between yields to the event loop
 MAX_DURATION_S = 1.0e7
 NAN_REPLY = "9.91E+37"
+_CELL_STREAM = 0xCE11  # seeds the per-cell variation apart from the measurement noise
 
 STATE_IDLE, STATE_RUNNING = "IDLE", "RUNNING"
 RESULT_NONE, RESULT_RUNNING, RESULT_OK, RESULT_FAIL, RESULT_ABORTED = 0, 1, 2, 3, 4
@@ -325,6 +332,9 @@ class CyclerSimulator(Simulator):
         initial_soc: float = 0.5,
         capacity_ah: float = 5.0,
         fade_per_efc: float = 0.002,
+        resistance_growth_per_efc: float = 0.005,
+        ageing_spread: float = 0.0,
+        capacity_spread: float = 0.0,
         noise_v: float = 1.0e-4,
         noise_a: float = 2.0e-4,
     ) -> None:
@@ -347,10 +357,29 @@ class CyclerSimulator(Simulator):
         self.log_capacity = log_capacity
         self.noise_v = noise_v
         self.noise_a = noise_a
-        self.params = cm.CellParams(capacity_ah=capacity_ah, fade_per_efc=fade_per_efc)
+        self.params = cm.CellParams(
+            capacity_ah=capacity_ah,
+            fade_per_efc=fade_per_efc,
+            resistance_growth_per_efc=resistance_growth_per_efc,
+        )
         self.rng = np.random.default_rng(seed)
         env = world.environment_c("cell")
-        self.cells = cm.init_state(channels, soc=initial_soc, temp_c=env, params=self.params)
+        # The cells' own generator: drawing them leaves the noise sequence (self.rng) as
+        # it was, so a lab with spread 0 measures exactly what it measured before.
+        ageing, capacity = cm.cell_variation(
+            channels,
+            [seed, _CELL_STREAM],
+            ageing_spread=ageing_spread,
+            capacity_spread=capacity_spread,
+        )
+        self.cells = cm.init_state(
+            channels,
+            soc=initial_soc,
+            temp_c=env,
+            params=self.params,
+            ageing_factor=ageing,
+            capacity_factor=capacity,
+        )
         self.default_kappa = self.params.kappa_ref_ms_cm
         # Channel numbers <card><nn>, in channel index order.
         self.channel_numbers = [(k // 32 + 1) * 100 + k % 32 + 1 for k in range(channels)]

@@ -27,8 +27,18 @@ Model (one cell, positive current = discharge)::
   kJ/mol for the electronic/contact part, 50 kJ/mol for charge transfer (Jow et al.,
   J. Electrochem. Soc. 165 (2018) A361 report 50-65 kJ/mol) and 30 kJ/mol for diffusion.
 * **Ageing**: capacity fades linearly with full equivalent cycles (EFC = Ah throughput /
-  (2 Q_nom)), by ``fade_per_efc`` (default 0.2 % per EFC, deliberately fast so that a
+  (2 Q_fresh)), by ``fade_per_efc`` (default 0.2 % per EFC, deliberately fast so that a
   simulated campaign sees it), and every resistance grows by ``resistance_growth_per_efc``.
+* **Cell-to-cell variation** (per cell, in the state): ``ageing_factor`` multiplies both
+  ageing rates of that cell (1 = the design's rate), so a cell that loses capacity
+  faster also grows resistance faster, and both show in its early cycles: the fade
+  slope, the resistance growth and the difference between two discharge Q(V) curves
+  (less capacity, and a larger IR drop that shifts the curve). ``capacity_factor``
+  scales the fresh capacity (manufacturing spread). Cells of one production lot age at
+  rates that differ markedly under identical cycling (Baumhoefer et al., J. Power
+  Sources 247 (2014) 332, 48 cells), and that spread is not correlated with the
+  initial capacity spread (Dubarry et al., Energies 11 (2018) 1031), so the two factors
+  are independent; :func:`cell_variation` draws both from a seed.
 * **Coulombic efficiency** < 1 on charge: only ``eta * I dt`` of charging current is
   stored (default 0.998); discharge returns all of it.
 * **Thermal**: one lumped node, ``C_th dT/dt = Q_irr + Q_rev - hA (T - T_env)`` with
@@ -45,10 +55,11 @@ it, so the current tapers in CV without overshoot.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -111,6 +122,10 @@ class CellState:
     temp_c: FloatArray
     kappa_ms_cm: FloatArray  # electrolyte conductivity at 25 C
     throughput_ah: FloatArray  # |I| dt summed: drives ageing
+    # Per-cell constants (cell-to-cell variation): ageing rate and fresh capacity, each
+    # relative to the design (CellParams).
+    ageing_factor: FloatArray
+    capacity_factor: FloatArray
     # Bookkeeping for conservation checks (discharge-positive signs).
     charge_ah: FloatArray  # net charge delivered at the terminals
     terminal_wh: FloatArray  # net energy delivered at the terminals
@@ -137,14 +152,25 @@ def init_state(
     temp_c: float = 25.0,
     kappa_ms_cm: float | None = None,
     params: CellParams | None = None,
+    ageing_factor: float | ArrayLike = 1.0,
+    capacity_factor: float | ArrayLike = 1.0,
 ) -> CellState:
-    """n fresh cells at rest."""
+    """n fresh cells at rest; ``ageing_factor`` and ``capacity_factor`` are one value
+    for every cell or one per cell (see :func:`cell_variation`)."""
     p = params or CellParams()
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n!r}")
     if not 0.0 <= soc <= 1.0:
         raise ValueError(f"soc must be within 0..1, got {soc!r}")
     zeros = np.zeros(n)
+    factors = {}
+    for name, value in (("ageing_factor", ageing_factor), ("capacity_factor", capacity_factor)):
+        arr = np.asarray(value, dtype=np.float64)
+        if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != n):
+            raise ValueError(f"{name} must be a number or {n} values, got shape {arr.shape}")
+        if not (np.isfinite(arr).all() and (arr > 0).all()):
+            raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        factors[name] = np.broadcast_to(arr, (n,)).copy()
     return CellState(
         soc=np.full(n, float(soc)),
         v1=zeros.copy(),
@@ -152,10 +178,36 @@ def init_state(
         temp_c=np.full(n, float(temp_c)),
         kappa_ms_cm=np.full(n, float(kappa_ms_cm or p.kappa_ref_ms_cm)),
         throughput_ah=zeros.copy(),
+        ageing_factor=factors["ageing_factor"],
+        capacity_factor=factors["capacity_factor"],
         charge_ah=zeros.copy(),
         terminal_wh=zeros.copy(),
         heat_j=zeros.copy(),
     )
+
+
+def cell_variation(
+    n: int,
+    seed: int | Sequence[int],
+    *,
+    ageing_spread: float = 0.0,
+    capacity_spread: float = 0.0,
+) -> tuple[FloatArray, FloatArray]:
+    """Per-cell ``(ageing_factor, capacity_factor)`` of ``n`` cells of one design.
+
+    The ageing factor is log-normal with median 1 (``ageing_spread`` is the standard
+    deviation of its natural log: 0.3 gives rates from about 0.55x to 1.8x, 2 sigma),
+    since rates are positive and spread multiplicatively; the capacity factor is normal
+    around 1 with standard deviation ``capacity_spread`` (about 0.005-0.01 for
+    commercial cells), clipped to 3 sigma. Zero spreads give identical cells.
+    """
+    for name, value in (("ageing_spread", ageing_spread), ("capacity_spread", capacity_spread)):
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{name} must be within 0..1, got {value!r}")
+    rng = np.random.default_rng(seed)
+    ageing = np.exp(ageing_spread * rng.standard_normal(n))
+    capacity = 1.0 + capacity_spread * np.clip(rng.standard_normal(n), -3.0, 3.0)
+    return np.asarray(ageing), np.asarray(capacity)
 
 
 def _u_graphite(x: FloatArray) -> FloatArray:
@@ -220,22 +272,21 @@ def _arrhenius(ea_j_mol: float, temp_c: FloatArray) -> FloatArray:
 
 
 def efc(state: CellState, params: CellParams) -> FloatArray:
-    """Full equivalent cycles so far."""
-    return np.asarray(state.throughput_ah / (2.0 * params.capacity_ah))
+    """Full equivalent cycles so far (of each cell's own fresh capacity)."""
+    return np.asarray(state.throughput_ah / (2.0 * params.capacity_ah * state.capacity_factor))
 
 
 def capacity_ah(state: CellState, params: CellParams) -> FloatArray:
     """Present (faded) capacity of each cell, Ah."""
-    return np.asarray(
-        params.capacity_ah * np.maximum(0.2, 1.0 - params.fade_per_efc * efc(state, params))
-    )
+    fade = params.fade_per_efc * state.ageing_factor * efc(state, params)
+    return np.asarray(params.capacity_ah * state.capacity_factor * np.maximum(0.2, 1.0 - fade))
 
 
 def resistances(state: CellState, params: CellParams) -> tuple[FloatArray, FloatArray, FloatArray]:
     """(R0, R1, R2) in ohm at each cell's temperature, electrolyte and age."""
     inv = _inv_t(state.temp_c)
     kappa_ratio = params.kappa_ref_ms_cm / np.maximum(state.kappa_ms_cm, KAPPA_MIN)
-    growth = 1.0 + params.resistance_growth_per_efc * efc(state, params)
+    growth = 1.0 + params.resistance_growth_per_efc * state.ageing_factor * efc(state, params)
     r0 = (
         params.r_ohmic_ohm * np.exp(params.ea_ohmic_j_mol * inv)
         + params.r_electrolyte_ohm * kappa_ratio * np.exp(params.ea_electrolyte_j_mol * inv)
@@ -322,6 +373,8 @@ def step(
         v2=v2,
         temp_c=temp,
         throughput_ah=state.throughput_ah + np.abs(current) * dt / 3600.0,
+        ageing_factor=state.ageing_factor,
+        capacity_factor=state.capacity_factor,
         charge_ah=state.charge_ah + current * dt / 3600.0,
         terminal_wh=state.terminal_wh + current * voltage * dt / 3600.0,
         heat_j=state.heat_j + q_irr * dt,

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
+
 
 if TYPE_CHECKING:
     from labctl.models.registry import Registry
@@ -155,34 +156,80 @@ def models_train_property(
 @models.command("train-cell")
 def models_train_cell(
     target_cycle: Annotated[int, typer.Option(help="Cycle whose capacity retention to predict.")],
+    early_cycles: Annotated[
+        str, typer.Option(help="The two early cycles A,B the features compare (B < target).")
+    ] = "2,10",
     campaign: Annotated[str | None, typer.Option(help="Only this campaign's cells.")] = None,
+    alpha: Annotated[
+        str, typer.Option(help="Ridge penalty, or 'auto' (leave-one-out on the training cells).")
+    ] = "auto",
+    holdout_fraction: Annotated[
+        float, typer.Option(help="Share of the cells held out to score the model.")
+    ] = 0.25,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out split.")] = 0,
+    dcir_s: Annotated[
+        float | None,
+        typer.Option(
+            help="DC resistance this many s into each discharge (default 1.5 log periods)."
+        ),
+    ] = None,
     registry: Root = None,
 ) -> None:
-    """Fit the cell model on the cycle_cell runs in Tiled (early-cycle features ->
-    retention at TARGET_CYCLE); promote if not worse. Cells need TARGET_CYCLE cycles."""
-    import hashlib
+    """Fit the cell model on the cycle_cell runs in Tiled (features of the early cycles
+    -> retention at TARGET_CYCLE); promote if not worse. Cells need TARGET_CYCLE cycles.
+    Prints the update decision (JSON); the model's record holds the held-out metrics and
+    the naive baseline's (baseline_mae, baseline_rmse: the training cells' mean)."""
+    from pydantic import ValidationError
 
     from labctl.data import DataConfig, open_store
     from labctl.models.cell import CellConfig, feature_table
-    from labctl.models.training_data import cell_cycles_table
+    from labctl.models.training_data import cell_cycles_table, cell_table_sha256
     from labctl.models.update import update_cell_model
 
+    try:
+        a, b = (int(x) for x in early_cycles.split(","))
+    except ValueError:
+        raise _fail(f"--early-cycles: need two cycle numbers A,B, got {early_cycles!r}") from None
+    try:
+        penalty: float | Literal["auto"] = "auto" if alpha == "auto" else float(alpha)
+        config = CellConfig(target_cycle=target_cycle, early_cycles=(a, b), alpha=penalty,
+                            holdout_fraction=holdout_fraction, seed=seed)  # fmt: skip
+    except (ValidationError, ValueError) as exc:
+        raise _fail(f"invalid settings: {exc}") from None
     reg = _registry(registry)
     with open_store(DataConfig.from_env()) as store:
-        cells, skipped = cell_cycles_table(store, campaign=campaign, min_cycles=2)
-    usable = [c for c in cells if target_cycle in set(c.summary["cycle"])]
+        try:
+            cells, skipped = cell_cycles_table(store, campaign=campaign, min_cycles=2,
+                                               dcir_s=dcir_s)  # fmt: skip
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+        url = store.url
+    usable = sorted(
+        (c for c in cells if target_cycle in set(c.summary["cycle"]) and {a, b} <= set(c.qv)),
+        key=lambda c: c.cell_id,  # a split and a hash that do not depend on the runs' order
+    )
     for uid, why in skipped.items():
         typer.echo(f"left out run {uid}: {why}", err=True)
     if len(usable) < 4:
         raise _fail(
-            f"{len(usable)} cells in Tiled reached cycle {target_cycle} ({len(cells)} cycled); "
-            "need at least 4"
+            f"{len(usable)} cells in Tiled reached cycle {target_cycle} with Q(V) curves of "
+            f"cycles {a} and {b} ({len(cells)} cycled); need at least 4"
         )
-    table = feature_table(usable, target_cycle)
-    digest = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
-    query = f"cycle_cell runs (campaign={campaign!r}), retention at cycle {target_cycle}"
+    table = feature_table(usable, target_cycle, early_cycles=(a, b))
+    query = json.dumps(
+        {
+            "source": f"labctl.data Store at {url}",
+            "runs": {"plan_name": "cycle_cell", "campaign_id": campaign, "exit_status": "success"},
+            "cells": list(table["cell_id"]),
+            "target_cycle": target_cycle,
+            "early_cycles": [a, b],
+            "dcir_s": dcir_s,
+        },
+        sort_keys=True,
+    )
+    typer.echo(f"training on {len(table)} cells ({query})", err=True)
     decision = update_cell_model(
-        reg, table, config=CellConfig(target_cycle=target_cycle), data_query=query,
-        data_sha256=digest,
+        reg, table, config=config, data_query=query,
+        data_sha256=cell_table_sha256(table),
     )  # fmt: skip
     typer.echo(decision.model_dump_json(indent=1))

@@ -37,6 +37,7 @@ __all__ = [
     "TrainingTable",
     "cell_cycles",
     "cell_cycles_table",
+    "cell_table_sha256",
     "conductivity_table",
     "table_sha256",
 ]
@@ -178,16 +179,25 @@ def conductivity_table(
 # -- cells -------------------------------------------------------------------------------
 
 
-def cell_cycles(store: Store, uid: str) -> CellCycles:
+DCIR_LOG_PERIODS = 1.5
+"""Default DC-resistance time, in data-log periods of the run (see :func:`cell_cycles`)."""
+
+
+def cell_cycles(store: Store, uid: str, *, dcir_s: float | None = None) -> CellCycles:
     """One ``cycle_cell`` run as :class:`labctl.models.cell.CellCycles`.
 
     Every segment of the run (formation, rate test, cycling) counts as one cycle of the
     cell, numbered as the plan numbered them. Per cycle: charge and discharge capacity
-    and coulombic efficiency from the ``cycles`` stream; ``resistance_ohm``, the DC
-    resistance at the first data-log row of the discharge (the voltage step from the
-    rest before it over the discharge current; ``log_period_s`` after the step, so it
-    includes some polarisation, consistently from cycle to cycle); the discharge Q(V)
-    curve from the ``cycling`` stream (the last attempt of each segment).
+    and coulombic efficiency from the ``cycles`` stream; the discharge Q(V) curve from
+    the ``cycling`` stream (the last attempt of each segment); ``resistance_ohm``, the
+    DC resistance ``dcir_s`` seconds into the discharge: the voltage drop from the rest
+    right before it (the rest's last row, logged at the step change) to the voltage
+    interpolated at ``dcir_s``, over the current there. A fixed time, because the
+    cycler logs on its own clock: the first row of a discharge comes anywhere up to a
+    log period after its start, and the polarisation it includes would vary from cycle
+    to cycle. Default ``dcir_s``: 1.5 log periods of the run (``plan_args.log_period_s``
+    of its start document), so that rows on both sides of it exist; a cycle without
+    them gets the median of the others.
     """
     import numpy as np
     import pandas
@@ -199,8 +209,16 @@ def cell_cycles(store: Store, uid: str) -> CellCycles:
         raise ValueError(
             f"run {uid}: not a cycle_cell run with data (streams {list(info.streams)})"
         )
+    if dcir_s is None:
+        period = float((info.start.get("plan_args") or {}).get("log_period_s") or 10.0)
+        dcir_s = DCIR_LOG_PERIODS * period
+    if not (np.isfinite(dcir_s) and dcir_s > 0):
+        raise ValueError(f"dcir_s: must be finite and > 0, got {dcir_s!r}")
     cycles = store.read(uid, "cycles")
     rows = store.read(uid, "cycling")
+    # The rows' own ``time`` (the cycler's clock) comes back as ``time_``: Tiled's
+    # bluesky writer keeps ``time`` for the event's timestamp.
+    clock = "time_" if "time_" in rows.columns else "time"
     summary, qv = [], {}
     for _, c in cycles.iterrows():
         n = int(c["cycle"])
@@ -210,11 +228,16 @@ def cell_cycles(store: Store, uid: str) -> CellCycles:
         discharging = seg[seg["current"] > 0]
         resistance = float("nan")
         if len(discharging):
+            # The discharge step's own rows (a pulse before it would be another step).
+            discharging = discharging[discharging["step"] == discharging["step"].iloc[0]]
             first = discharging.index[0]
             before = seg.loc[: first - 1]
             if len(before) and abs(float(before["current"].iloc[-1])) < 1e-6:
-                dv = float(before["voltage"].iloc[-1]) - float(discharging["voltage"].iloc[0])
-                resistance = dv / float(discharging["current"].iloc[0])
+                t = discharging[clock].to_numpy(dtype=np.float64) - float(before[clock].iloc[-1])
+                if t[0] <= dcir_s <= t[-1]:
+                    v = np.interp(dcir_s, t, discharging["voltage"].to_numpy(dtype=np.float64))
+                    i = np.interp(dcir_s, t, discharging["current"].to_numpy(dtype=np.float64))
+                    resistance = (float(before["voltage"].iloc[-1]) - float(v)) / float(i)
             qv[n] = (discharging["voltage"].to_numpy(), discharging["capacity"].to_numpy())
         summary.append({
             "cycle": n, "charge_capacity_ah": float(c["charge_ah"]),
@@ -224,7 +247,10 @@ def cell_cycles(store: Store, uid: str) -> CellCycles:
         })  # fmt: skip
     frame = pandas.DataFrame(summary)
     if frame["resistance_ohm"].isna().all():
-        raise ValueError(f"run {uid}: no rest-to-discharge step to estimate a resistance from")
+        raise ValueError(
+            f"run {uid}: no rest-to-discharge step with data-log rows around {dcir_s:g} s "
+            "into the discharge to estimate a resistance from (dcir_s)"
+        )
     frame["resistance_ohm"] = frame["resistance_ohm"].fillna(
         float(np.nanmedian(frame["resistance_ohm"]))
     )
@@ -233,17 +259,22 @@ def cell_cycles(store: Store, uid: str) -> CellCycles:
 
 
 def cell_cycles_table(
-    store: Store, *, campaign: str | None = None, min_cycles: int = 2
+    store: Store,
+    *,
+    campaign: str | None = None,
+    min_cycles: int = 2,
+    dcir_s: float | None = None,
 ) -> tuple[list[CellCycles], dict[str, str]]:
     """Every successful ``cycle_cell`` run (of ``campaign``) with at least ``min_cycles``
-    cycles, as CellCycles; and the runs left out with the reason."""
+    cycles, as CellCycles (newest run first); and the runs left out with the reason.
+    ``dcir_s``: see :func:`cell_cycles`."""
     cells, skipped = [], {}
     for s in store.runs(campaign=campaign, plan="cycle_cell"):
         if s.exit_status != "success":
             skipped[s.uid] = f"exit status {s.exit_status}"
             continue
         try:
-            cell = cell_cycles(store, s.uid)
+            cell = cell_cycles(store, s.uid, dcir_s=dcir_s)
         except ValueError as exc:
             skipped[s.uid] = str(exc)
             continue
@@ -252,3 +283,10 @@ def cell_cycles_table(
             continue
         cells.append(cell)
     return cells, skipped
+
+
+def cell_table_sha256(table: pandas.DataFrame) -> str:
+    """sha256 of a cell feature table (:func:`labctl.models.cell.feature_table`): its
+    columns in their order, rows by ``cell_id``, floats written exactly."""
+    canon = table.sort_values("cell_id", kind="stable").reset_index(drop=True)
+    return hashlib.sha256(canon.to_csv(index=False, float_format="%.17g").encode()).hexdigest()

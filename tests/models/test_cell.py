@@ -9,11 +9,14 @@ import pandas as pd
 import pytest
 
 from labctl.models.cell import (
+    ALPHA_GRID,
     FEATURES,
     CellConfig,
     CellCycles,
     CellPredictor,
     TrainedCell,
+    feature_table,
+    loo_rmse,
     retention,
     severson_features,
     train_cell_model,
@@ -115,3 +118,122 @@ def test_cell_model_input_errors() -> None:
         train_cell_model(pd.DataFrame({f: [1.0, 2.0] for f in FEATURES}))
     with pytest.raises(ValueError, match="target_cycle"):
         CellConfig(target_cycle=1)
+
+
+def test_early_cycles_are_explicit_and_the_features_never_see_the_target() -> None:
+    cell = analytic_cell(0.02, curves=(2, 6, 10))
+    explicit = severson_features(cell, cycles=(2, 6))
+    assert explicit["fade_per_cycle"] == pytest.approx(0.01 / 4.99)
+    assert explicit != severson_features(cell)  # the default pair is (2, 10)
+    table = feature_table([cell], 20, early_cycles=(2, 6))
+    assert list(table.columns) == ["cell_id", *FEATURES, "retention"]
+    assert table["retention"].iloc[0] == pytest.approx((5.0 - 0.19) / 4.99)
+    with pytest.raises(ValueError, match=r"qv: no Q\(V\) curve of early cycle\(s\) \[3\]"):
+        feature_table([cell], 20, early_cycles=(3, 6))
+    # Without the default pair the fallback (earliest, latest curve) would include the
+    # target cycle itself: refused.
+    leaky = analytic_cell(0.02, curves=(2, 40))
+    with pytest.raises(ValueError, match=r"target_cycle 40 must come after the early cycles"):
+        feature_table([leaky], 40)
+    with pytest.raises(ValueError, match=r"early_cycles \[2, 12\]: need 1 <= first < second"):
+        CellConfig(target_cycle=12, early_cycles=(2, 12))
+    with pytest.raises(ValueError, match="alpha: must be 'auto' or finite and >= 0"):
+        CellConfig(alpha=-1.0)
+
+
+def test_auto_alpha_is_the_leave_one_out_minimum_and_metrics_carry_the_baseline() -> None:
+    import torch
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(14, len(FEATURES)))
+    y = 0.9 + 0.02 * x[:, 0] - 0.01 * x[:, 3] + 0.004 * rng.normal(size=14)
+    table = pd.DataFrame(x, columns=list(FEATURES)).assign(retention=y)
+    xs = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float64)
+    yc = torch.tensor(y - y.mean(), dtype=torch.float64)
+    for alpha in (1e-3, 0.3):
+        # Brute force: refit without each cell (same penalty, unpenalised intercept).
+        errors = []
+        for i in range(14):
+            keep = np.arange(14) != i
+            a = torch.cat([torch.ones(13, 1, dtype=torch.float64), xs[keep]], dim=1)
+            pen = alpha * 14 * torch.eye(a.shape[1], dtype=torch.float64)
+            pen[0, 0] = 0.0
+            beta = torch.linalg.solve(a.T @ a + pen, a.T @ yc[keep])
+            errors.append(float(beta[0] + xs[i] @ beta[1:] - yc[i]))
+        assert loo_rmse(xs, yc, alpha) == pytest.approx(float(np.sqrt(np.mean(np.square(errors)))))
+    holdout = table.iloc[10:]
+    fit = train_cell_model(table.iloc[:10], CellConfig(target_cycle=40), holdout=holdout)
+    xt = torch.tensor((x[:10] - x[:10].mean(0)) / x[:10].std(0), dtype=torch.float64)
+    yt = torch.tensor(y[:10] - y[:10].mean(), dtype=torch.float64)
+    assert fit.alpha == min(ALPHA_GRID, key=lambda a: loo_rmse(xt, yt, a))
+    naive = np.full(4, y[:10].mean())
+    assert fit.metrics["baseline_rmse"] == pytest.approx(np.sqrt(np.mean((naive - y[10:]) ** 2)))
+    assert fit.metrics["baseline_mae"] == pytest.approx(np.mean(np.abs(naive - y[10:])))
+    assert fit.metrics["rmse"] < fit.metrics["baseline_rmse"]
+    fixed = train_cell_model(
+        table.iloc[:10], CellConfig(target_cycle=40, alpha=0.5), holdout=holdout
+    )
+    assert fixed.alpha == 0.5 and fixed.metrics["rmse"] != fit.metrics["rmse"]
+
+
+class _CyclingStore:
+    """The Store methods cell_cycles uses, over one cycle_cell run whose discharges start
+    at different phases of the data log (first row 5..55 s in, every 60 s)."""
+
+    url = "memory://"
+    R, SLOPE, I = 0.05, 1e-4, 4.0  # ohm, ohm/s (polarisation building up), A
+
+    def __init__(self) -> None:
+        from labctl.data import RunInfo, RunSummary, StreamInfo
+
+        rows, cycles = [], []
+        for n, phase in enumerate((5.0, 30.0, 55.0), start=1):
+            t0 = 1000.0 * n
+            rows.append((t0 - 600.0, 4.1, -2.0, 1.9, 1, n))  # charge
+            rows.append((t0, 4.15, 0.0, 0.0, 2, n))  # the rest's last row: the step change
+            for k in range(30):
+                t = phase + 60.0 * k
+                v = 4.15 - self.I * (self.R + self.SLOPE * t)  # linear in t: exact interp
+                rows.append((t0 + t, v, self.I, self.I * t / 3600.0, 3, n))
+            cycles.append({"cycle": n, "charge_ah": 1.9, "discharge_ah": 1.9 - 0.01 * n,
+                           "coulombic_efficiency": 0.99})  # fmt: skip
+        frame = pd.DataFrame(rows, columns=["time_", "voltage", "current", "capacity", "step",
+                                            "segment"])  # fmt: skip
+        # ``time`` is the event's timestamp (wall clock), ``time_`` the cycler's clock.
+        self.frames = {
+            "cycling": frame.assign(time=frame["time_"] * 1e-3 + 1.7e9, attempt=1),
+            "cycles": pd.DataFrame(cycles),
+        }
+        summary = RunSummary("r1", 1.0, "cycle_cell", "", "C", "op", "success", "", 1.0)
+        start = {"cell_id": "C-1", "plan_args": {"log_period_s": 60.0}}
+        streams = {k: StreamInfo(k, len(v), list(v), {}) for k, v in self.frames.items()}
+        self.info = RunInfo(summary, start, None, streams)
+
+    def runs(self, **_: object) -> list[object]:
+        return [self.info.summary]
+
+    def run(self, uid: str) -> object:
+        return self.info
+
+    def read(self, uid: str, stream: str) -> pd.DataFrame:
+        return self.frames[stream]
+
+
+def test_dc_resistance_is_read_at_a_fixed_time_into_each_discharge() -> None:
+    from labctl.models.training_data import cell_cycles, cell_cycles_table
+
+    store = _CyclingStore()
+    cell = cell_cycles(store, "r1")  # type: ignore[arg-type]
+    assert cell.cell_id == "C-1" and sorted(cell.qv) == [1, 2, 3]
+    # Default: 1.5 log periods (90 s); the same in every cycle whatever the log's phase.
+    r = cell.summary["resistance_ohm"].to_numpy()
+    np.testing.assert_allclose(r, store.R + store.SLOPE * 90.0, rtol=1e-9)
+    at_30 = cell_cycles(store, "r1", dcir_s=30.0).summary["resistance_ohm"]  # type: ignore[arg-type]
+    # Cycle 3's first row comes 55 s in: no row before 30 s, the median of the others.
+    np.testing.assert_allclose(at_30, store.R + store.SLOPE * 30.0, rtol=1e-9)
+    with pytest.raises(ValueError, match="dcir_s: must be finite and > 0, got -1"):
+        cell_cycles(store, "r1", dcir_s=-1.0)  # type: ignore[arg-type]
+    cells, skipped = cell_cycles_table(store, dcir_s=1.0)  # type: ignore[arg-type]
+    assert (
+        cells == [] and "no rest-to-discharge step with data-log rows around 1 s" in skipped["r1"]
+    )
