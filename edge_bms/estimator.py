@@ -1,0 +1,732 @@
+"""The pack estimator: validated samples in, SOC with its uncertainty out, one numpy step
+for every cell of a pack.
+
+:class:`PackEstimator` owns the filter state of ``n_cells`` cells and runs, per sample,
+
+1. input checks (shape, finite, plausible; :class:`~edge_bms.errors.InputError` names
+   the field and the value, and leaves the estimator as it was);
+2. the safety hook on the raw measurements (before anything learned or estimated);
+3. the voltage-correction hook (a learned network) -> ``v_correction`` and optionally a
+   per-cell measurement variance; any failure falls back to the plain filter, flagged;
+4. one EKF or UKF step (:mod:`edge_bms.filters`) with the SOH scales of each cell;
+5. the SOH hook (capacity and R0 scale for the next step) and the SOP hook.
+
+Hooks are small Protocols (below) so that the SOH, SOP, safety and correction code can
+live in their own modules and be tested alone; each is optional (None: pass-through).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edge_bms.cell import CellModel
+from edge_bms.errors import CheckpointError, InputError
+from edge_bms.filters import (
+    EkfSettings,
+    FilterNoise,
+    FilterState,
+    StepResult,
+    UkfSettings,
+    ekf_step,
+    ukf_step,
+)
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+Method = Literal["ekf", "ukf"]
+
+STATE_FORMAT = "edge_bms.estimator/1"
+# Plausibility bounds of raw inputs: beyond them a value is a sensor or wiring fault, not a
+# cell state, and the sample is rejected rather than filtered.
+VOLTAGE_RANGE_V = (0.0, 10.0)  # exclusive
+TEMPERATURE_RANGE_C = (-60.0, 150.0)  # inclusive
+CURRENT_ABS_MAX_A = 1e4
+# Prior SOC sigma when the initial SOC is read off the first sample's OCV: the voltage
+# under load or shortly after it carries RC polarisation (tens of mV) that the inversion
+# takes for SOC; on the flat parts of an OCV curve 10 mV is several percent of SOC.
+OCV_PRIOR_SIGMA = 0.1
+# Prior SOC sigma when the caller gives the initial SOC without its sigma: we do not
+# know where it came from (a stale coulomb count, a guess), so wide.
+GIVEN_PRIOR_SIGMA = 0.3
+# A cell whose voltage is missing at the first sample: middle of the range, sigma of a
+# uniform distribution over [0, 1].
+UNKNOWN_SOC, UNKNOWN_SOC_SIGMA = 0.5, 0.29
+RC_PRIOR_SIGMA_V = 0.01
+
+
+# -- hooks ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CorrectionInputs:
+    """What a correction network may use at a step, before the filter runs. Arrays [n].
+
+    ``soc``/``soc_sigma`` are the previous step's posterior (the prior of this one);
+    ``innovation`` and ``v_pred`` the previous step's (NaN where that voltage was missing;
+    zeros at the first corrected step). ``cell_v`` is NaN where this voltage is missing.
+    """
+
+    ts: float
+    dt_s: float
+    current_a: FloatArray
+    cell_v: FloatArray
+    temp_c: FloatArray
+    soc: FloatArray
+    soc_sigma: FloatArray
+    innovation: FloatArray
+    v_pred: FloatArray
+
+
+class CorrectionOutputLike(Protocol):
+    """What :meth:`VoltageCorrection.predict` returns (``edge_bms.correction.CorrectionOutput``
+    has this shape): per cell, the voltage to add to the model's prediction, the
+    measurement variance to use (NaN: keep the filter's), and whether the network applied
+    (False where its inputs left the training range; ``dv_v`` is then ignored)."""
+
+    @property
+    def dv_v(self) -> FloatArray: ...
+    @property
+    def r_var_v2(self) -> FloatArray: ...
+    @property
+    def used(self) -> BoolArray: ...
+
+
+class VoltageCorrection(Protocol):
+    """A learned voltage-model correction. The object keeps any history it needs (e.g.
+    moving averages of current) and updates it in :meth:`features`, called once per step."""
+
+    def features(self, inputs: CorrectionInputs) -> Any: ...
+    def predict(self, features: Any) -> CorrectionOutputLike: ...
+
+
+class HealthEstimator(Protocol):
+    """Online SOH (``edge_bms.soh.SohEstimator`` fits). After each step with ``dt_s > 0``
+    the estimator calls :meth:`update` with the step's inputs and posterior, then reads
+    ``capacity_ah`` and ``r0_scale`` ([n]) for the next step."""
+
+    def update(
+        self,
+        current_a: npt.ArrayLike,
+        voltage_v: npt.ArrayLike,
+        dt_s: float,
+        *,
+        soc: npt.ArrayLike | None = ...,
+        soc_sigma: npt.ArrayLike | None = ...,
+        temperature_c: npt.ArrayLike | None = ...,
+        r0_table_ohm: npt.ArrayLike | None = ...,
+    ) -> None: ...
+
+    @property
+    def capacity_ah(self) -> FloatArray: ...
+
+    r0_scale: FloatArray
+
+
+class SafetyCheck(Protocol):
+    """Deterministic limit checks on the raw sample (``edge_bms.safety.SafetyMonitor``
+    fits); its return value (alarm records) is passed through as ``PackEstimate.alarms``."""
+
+    def update(
+        self, ts: float, cell_v: npt.ArrayLike, temp_c: npt.ArrayLike, current_a: npt.ArrayLike
+    ) -> Sequence[Any]: ...
+
+
+# SOP: called with the finished estimate; whatever it returns is ``PackEstimate.sop``, e.g.
+# lambda e: sop.power_limits(cell, e.soc, e.temp_c, v1=e.v_rc[0], v2=e.v_rc[1],
+#                            r0_scale=e.r0_scale, capacity_ah=e.capacity_ah)
+PowerHook = Callable[["PackEstimate"], Any]
+
+
+# -- output --------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class EstimateFlags:
+    """How a step was computed.
+
+    ``correction_reason`` is "" when the correction applied to every cell, else why not
+    (all or some cells): "none" (no network configured), the loader's reason passed as
+    ``correction_fallback`` ("missing", "integrity", "metadata"), "range" (inputs outside
+    the training range), "error: ..." (the network raised or returned garbage), or
+    "initial" (the first sample, which sets the state).
+    """
+
+    initial: bool  # this sample initialised the state
+    correction_used: bool  # the correction applied to every cell
+    correction_reason: str
+    correction_cells: BoolArray | None  # per cell, when a correction ran
+    dropout: tuple[int, ...]  # cells whose voltage was missing (predict only)
+
+
+@dataclass(slots=True)
+class PackEstimate:
+    """One step's estimate of a pack of n cells. Arrays are [n] unless noted.
+
+    ``pack_soc`` is the usable-charge SOC of a series string: with D = min_i(soc_i Q_i)
+    the charge the string can still deliver before its emptiest cell is empty and
+    C = min_i((1 - soc_i) Q_i) the charge it can take before its fullest cell is full,
+    ``pack_soc = D / (D + C)`` (cell SOC clipped to [0, 1]; equal capacities give
+    min / (min + 1 - max)). It is 0 when the string can neither charge nor discharge.
+    """
+
+    ts: float
+    dt_s: float
+    soc: FloatArray
+    soc_sigma: FloatArray
+    v_pred: FloatArray  # prior predicted terminal voltage, correction included
+    innovation: FloatArray  # measured - predicted, NaN for a dropout
+    innovation_var: FloatArray
+    pack_soc: float
+    current_a: FloatArray
+    cell_v: FloatArray
+    temp_c: FloatArray
+    v_rc: FloatArray  # [2, n] posterior RC-branch voltages v1, v2
+    capacity_ah: FloatArray  # used in this step
+    r0_scale: FloatArray  # used in this step
+    flags: EstimateFlags
+    sop: Any = None
+    alarms: Sequence[Any] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The core fields as JSON-able values (NaN -> None); ``sop``/``alarms`` excluded."""
+        return {
+            "ts": self.ts,
+            "soc": _jsonable(self.soc),
+            "soc_sigma": _jsonable(self.soc_sigma),
+            "pack_soc": self.pack_soc,
+            "v_pred": _jsonable(self.v_pred),
+            "innovation": _jsonable(self.innovation),
+            "capacity_ah": _jsonable(self.capacity_ah),
+            "r0_scale": _jsonable(self.r0_scale),
+            "correction_used": self.flags.correction_used,
+            "correction_reason": self.flags.correction_reason,
+            "dropout": list(self.flags.dropout),
+        }
+
+
+def _jsonable(a: FloatArray) -> list[float | None]:
+    return [None if not math.isfinite(x) else x for x in a.tolist()]
+
+
+# ufunc reductions: the cheapest min/max numpy has (no wrapper, no keyword handling)
+_MIN = np.minimum.reduce
+_MAX = np.maximum.reduce
+
+
+def pack_soc(soc: FloatArray, capacity_ah: FloatArray | float) -> float:
+    """The usable-charge SOC of a series string (see :class:`PackEstimate`)."""
+    if isinstance(capacity_ah, float | int):  # equal capacities: the ratio needs no Ah
+        d = min(max(float(_MIN(soc)), 0.0), 1.0)
+        c = 1.0 - min(max(float(_MAX(soc)), 0.0), 1.0)
+    else:
+        s = np.minimum(np.maximum(soc, 0.0), 1.0)
+        d, c = float((s * capacity_ah).min()), float(((1.0 - s) * capacity_ah).min())
+    return d / (d + c) if d + c > 0 else 0.0
+
+
+# -- the estimator -------------------------------------------------------------------------
+class PackEstimator:
+    """SOC of ``n_cells`` cells of one cell model, sample by sample.
+
+    ``initial_soc``: scalar or [n]; None reads it off the first sample (OCV of the
+    voltage corrected by ``i * R0``), with sigma ``OCV_PRIOR_SIGMA`` (0.1), and that
+    sample only initialises (its voltage is used once). A given SOC gets sigma
+    ``initial_soc_sigma`` (default ``GIVEN_PRIOR_SIGMA``, 0.3) and the first sample
+    updates it. ``correction_fallback`` is the reason reported while ``correction`` is
+    None (e.g. the loader's "missing" or "integrity").
+    """
+
+    def __init__(
+        self,
+        model: CellModel,
+        n_cells: int,
+        *,
+        method: Method = "ekf",
+        noise: FilterNoise | Mapping[str, float] | None = None,
+        initial_soc: npt.ArrayLike | None = None,
+        initial_soc_sigma: float | None = None,
+        ekf: EkfSettings | None = None,
+        ukf: UkfSettings | None = None,
+        correction: VoltageCorrection | None = None,
+        correction_fallback: str = "none",
+        health: HealthEstimator | None = None,
+        power: PowerHook | None = None,
+        safety: SafetyCheck | None = None,
+    ) -> None:
+        if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1:
+            raise InputError(f"n_cells must be an integer >= 1, got {n_cells!r}")
+        if method not in ("ekf", "ukf"):
+            raise InputError(f"method must be 'ekf' or 'ukf', got {method!r}")
+        self.model = model
+        self.n_cells = int(n_cells)
+        self.method: Method = method
+        self.noise = _noise(noise if noise is not None else (model.filter_noise or None))
+        self.ekf = ekf or EkfSettings()
+        self.ukf = ukf or UkfSettings()
+        self.correction = correction
+        self.correction_fallback = correction_fallback
+        self.health = health
+        self.power = power
+        self.safety = safety
+        n = self.n_cells
+        self._initial_soc = (
+            None if initial_soc is None else self._array("initial_soc", initial_soc, (0.0, 1.0))
+        )
+        sigma = OCV_PRIOR_SIGMA if initial_soc is None else GIVEN_PRIOR_SIGMA
+        if initial_soc_sigma is not None:
+            sigma = float(initial_soc_sigma)
+            if not (math.isfinite(sigma) and sigma > 0):
+                raise InputError(f"initial_soc_sigma must be > 0, got {initial_soc_sigma!r}")
+        self._initial_sigma = sigma
+        self._state: FilterState | None = None
+        self._last_ts: float | None = None
+        self._capacity = np.full(n, model.capacity_ah)
+        self._r0_scale = np.ones(n)
+        self._scaled = False  # capacity/R0 differ from the model's: pass them to the filter
+        self._last_innovation = np.zeros(n)
+        self._last_v_pred = np.zeros(n)
+
+    # -- public state --------------------------------------------------------------------
+    @property
+    def state(self) -> FilterState | None:
+        """The filter state after the last step (None before the first sample)."""
+        return self._state
+
+    @property
+    def last_ts(self) -> float | None:
+        return self._last_ts
+
+    def set_scales(
+        self, capacity_ah: npt.ArrayLike | None = None, r0_scale: npt.ArrayLike | None = None
+    ) -> None:
+        """Per-cell capacity (Ah) and R0 scale used from the next step (an SOH result)."""
+        if capacity_ah is not None:
+            self._capacity = self._array("capacity_ah", capacity_ah, (1e-6, math.inf))
+        if r0_scale is not None:
+            self._r0_scale = self._array("r0_scale", r0_scale, (1e-6, math.inf))
+        self._scaled = bool(
+            np.any(self._capacity != self.model.capacity_ah) or np.any(self._r0_scale != 1.0)
+        )
+
+    # -- the step ------------------------------------------------------------------------
+    def step(
+        self,
+        ts: float,
+        current_a: npt.ArrayLike,
+        cell_v: npt.ArrayLike,
+        temp_c: npt.ArrayLike,
+    ) -> PackEstimate:
+        """One sample: ``ts`` (s, increasing), ``current_a`` (A, + = discharge; one value
+        for a series string or one per cell), ``cell_v`` (V per cell, NaN = that cell's
+        voltage is missing), ``temp_c`` (deg C, one value or one per cell)."""
+        t_s = self._check_ts(ts)
+        i = self._check_current(current_a)
+        v, missing = self._check_voltage(cell_v)
+        temp = self._check_temperature(temp_c)
+        alarms: Sequence[Any] = ()
+        if self.safety is not None:
+            alarms = self.safety.update(t_s, v, temp, i)
+
+        n = self.n_cells
+        initial = self._state is None
+        from_ocv = initial and self._initial_soc is None
+        state = self._initial_state(i, v, temp) if self._state is None else self._state
+        dt = 0.0 if self._last_ts is None else t_s - self._last_ts
+
+        v_corr: FloatArray | None = None
+        r_var: FloatArray | None = None
+        cells: BoolArray | None = None
+        if initial:
+            reason = "initial"
+        elif self.correction is None:
+            reason = self.correction_fallback
+        else:
+            v_corr, r_var, cells, reason = self._correct(t_s, dt, i, v, temp, state)
+
+        kwargs: dict[str, Any] = {}
+        if self._scaled:
+            kwargs = {"capacity_ah": self._capacity, "r0_scale": self._r0_scale}
+        if r_var is not None:
+            kwargs["measurement_var"] = r_var
+        # the OCV-initialised first sample has been used once already: predict only
+        z = np.full(n, np.nan) if from_ocv else v
+        if self.method == "ekf":
+            res: StepResult = ekf_step(
+                self.model, state, i, z, temp, dt, self.noise, v_corr, settings=self.ekf, **kwargs
+            )
+        else:
+            res = ukf_step(
+                self.model, state, i, z, temp, dt, self.noise, v_corr, settings=self.ukf, **kwargs
+            )
+        innovation = v - res.v_pred if from_ocv else res.innovation
+        # the estimate shares arrays with the filter state: read-only, so a consumer
+        # cannot corrupt the next step by writing into them
+        for a in (res.state.x, res.state.p, res.soc, res.soc_sigma, i, v, innovation):
+            a.flags.writeable = False
+
+        self._state = res.state
+        self._last_ts = t_s
+        self._last_innovation = innovation
+        self._last_v_pred = res.v_pred
+        capacity, r0_scale = self._capacity, self._r0_scale
+        estimate = PackEstimate(
+            ts=t_s,
+            dt_s=dt,
+            soc=res.soc,
+            soc_sigma=res.soc_sigma,
+            v_pred=res.v_pred,
+            innovation=innovation,
+            innovation_var=res.innovation_var,
+            pack_soc=pack_soc(res.soc, capacity if self._scaled else self.model.capacity_ah),
+            current_a=i if i.ndim else np.full(n, float(i)),
+            cell_v=v,
+            temp_c=temp if temp.ndim else np.full(n, float(temp)),
+            v_rc=res.state.x[1:3],
+            capacity_ah=capacity,
+            r0_scale=r0_scale,
+            flags=EstimateFlags(
+                initial=initial,
+                correction_used=reason == "",
+                correction_reason=reason,
+                correction_cells=cells,
+                dropout=tuple(np.flatnonzero(missing).tolist()) if missing is not None else (),
+            ),
+            alarms=alarms,
+        )
+        if self.health is not None and dt > 0:
+            self._update_health(estimate, res)
+        if self.power is not None:
+            estimate.sop = self.power(estimate)
+        return estimate
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _correct(
+        self,
+        ts: float,
+        dt: float,
+        i: FloatArray,
+        v: FloatArray,
+        temp: FloatArray,
+        state: FilterState,
+    ) -> tuple[FloatArray | None, FloatArray | None, BoolArray | None, str]:
+        """(v_correction, measurement variance, cells used, reason); None: plain filter."""
+        assert self.correction is not None
+        n = self.n_cells
+        inputs = CorrectionInputs(
+            ts=ts,
+            dt_s=dt,
+            current_a=np.broadcast_to(i, (n,)),
+            cell_v=v,
+            temp_c=np.broadcast_to(temp, (n,)),
+            soc=state.x[0],
+            soc_sigma=np.sqrt(state.p[0]),
+            innovation=self._last_innovation,
+            v_pred=self._last_v_pred,
+        )
+        try:
+            out = self.correction.predict(self.correction.features(inputs))
+            dv = np.asarray(out.dv_v, dtype=float).reshape(-1)
+            used = np.asarray(out.used, dtype=bool).reshape(-1)
+            r = np.asarray(out.r_var_v2, dtype=float).reshape(-1)
+            if dv.shape != (n,) or used.shape != (n,) or r.shape != (n,):
+                raise ValueError(
+                    f"dv_v, used, r_var_v2 have shapes {dv.shape}, {used.shape}, {r.shape}; "
+                    f"expected ({n},)"
+                )
+        # A correction is an optional improvement: whatever goes wrong in it (onnxruntime
+        # raises its own untyped errors), the plain filter must carry on, flagged.
+        except Exception as exc:
+            return None, None, None, f"error: {type(exc).__name__}: {exc}"
+        used = used & np.isfinite(dv)
+        if not used.any():
+            return None, None, used, "range"
+        r_ok = used & np.isfinite(r) & (r > 0)
+        r_var = np.where(r_ok, r, self.noise.voltage_v**2) if r_ok.any() else None
+        return np.where(used, dv, 0.0), r_var, used, "" if used.all() else "range"
+
+    def _update_health(self, estimate: PackEstimate, res: StepResult) -> None:
+        assert self.health is not None
+        self.health.update(
+            estimate.current_a,
+            estimate.cell_v,
+            estimate.dt_s,
+            soc=estimate.soc,
+            soc_sigma=estimate.soc_sigma,
+            temperature_c=estimate.temp_c,
+            r0_table_ohm=res.r0_table_ohm,
+        )
+        # an SOH glitch must not corrupt the SOC filter: a cell keeps its previous value
+        # where the new one is not finite and > 0 (or the array has the wrong shape)
+        self._capacity = _sane(self.health.capacity_ah, self._capacity)
+        self._r0_scale = _sane(self.health.r0_scale, self._r0_scale)
+        self._scaled = True
+
+    # -- initial state -------------------------------------------------------------------
+    def _initial_state(self, i: FloatArray, v: FloatArray, temp: FloatArray) -> FilterState:
+        if self._initial_soc is not None:
+            return FilterState.initial(
+                np.broadcast_to(self._initial_soc, (self.n_cells,)),
+                self._initial_sigma,
+                v_sigma=RC_PRIOR_SIGMA_V,
+            )
+        known = np.isfinite(v)
+        v_known = np.where(known, v, self.model.ocv(UNKNOWN_SOC, temp))
+        # OCV ~ v + i R0: the ohmic drop is known from the table, the RC part is not
+        # (the prior sigma covers it)
+        soc_v = self.model.soc_from_ocv(v_known, temp)
+        r0 = self.model.lookup(soc_v, temp).r0 * self._r0_scale
+        soc = self.model.soc_from_ocv(v_known + i * r0, temp)
+        soc = np.where(known, soc, UNKNOWN_SOC)
+        sigma = np.where(known, self._initial_sigma, UNKNOWN_SOC_SIGMA)
+        return FilterState.initial(soc, sigma, v_sigma=RC_PRIOR_SIGMA_V)
+
+    # -- input checks (no state is touched until all pass) --------------------------------
+    def _array(self, name: str, value: npt.ArrayLike, bounds: tuple[float, float]) -> FloatArray:
+        """A scalar or [n] parameter as [n], every value finite and within ``bounds``."""
+        a = _as_float_array(name, value)
+        if a.ndim == 0:
+            a = np.full(self.n_cells, float(a))
+        if a.shape != (self.n_cells,):
+            raise InputError(
+                f"{name} must be a scalar or {self.n_cells} values, got shape {a.shape}"
+            )
+        bad = ~((a >= bounds[0]) & (a <= bounds[1]))
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            raise InputError(f"{name}[{j}] = {float(a[j])!r} is outside [{bounds[0]}, {bounds[1]}]")
+        return a
+
+    def _check_ts(self, ts: float) -> float:
+        try:
+            t = float(ts)
+        except (TypeError, ValueError):
+            raise InputError(f"ts must be a number (s), got {ts!r}") from None
+        if not math.isfinite(t):
+            raise InputError(f"ts must be finite, got {t!r}")
+        if self._last_ts is not None and not t > self._last_ts:
+            raise InputError(f"ts {t!r} is not after the previous sample's ts {self._last_ts!r}")
+        return t
+
+    def _check_current(self, current_a: npt.ArrayLike) -> FloatArray:
+        if isinstance(current_a, float | int) and not isinstance(current_a, bool):  # fast path
+            if not abs(current_a) <= CURRENT_ABS_MAX_A:  # False for NaN too
+                raise InputError(_bad_value("current_a", float(current_a), "A", CURRENT_ABS_MAX_A))
+            return np.array(current_a, dtype=float)
+        a = _as_float_array("current_a", current_a)
+        if a.ndim == 0:
+            if not abs(float(a)) <= CURRENT_ABS_MAX_A:
+                raise InputError(_bad_value("current_a", float(a), "A", CURRENT_ABS_MAX_A))
+            return a
+        if a.shape != (self.n_cells,):
+            raise InputError(
+                f"current_a must be one value (series string) or {self.n_cells} values, "
+                f"got shape {a.shape}"
+            )
+        if not _MAX(np.abs(a)) <= CURRENT_ABS_MAX_A:  # False for NaN too
+            ok = np.abs(a) <= CURRENT_ABS_MAX_A
+            j = int(np.flatnonzero(~ok)[0])
+            raise InputError(_bad_value(f"current_a[{j}]", float(a[j]), "A", CURRENT_ABS_MAX_A))
+        return a
+
+    def _check_voltage(self, cell_v: npt.ArrayLike) -> tuple[FloatArray, BoolArray | None]:
+        """The voltages [n] and, if any is NaN (a dropout), the mask of those cells."""
+        a = _as_float_array("cell_v", cell_v)
+        if a.ndim == 0 and self.n_cells == 1:
+            a = a.reshape(1)
+        if a.shape != (self.n_cells,):
+            raise InputError(f"cell_v must have {self.n_cells} values, got shape {a.shape}")
+        lo, hi = VOLTAGE_RANGE_V
+        if lo < _MIN(a) and _MAX(a) < hi:  # False if any is NaN
+            return a, None
+        ok = (a > lo) & (a < hi)
+        missing = np.isnan(a)
+        bad = ~ok & ~missing
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            what = "not finite" if not math.isfinite(a[j]) else f"outside ({lo}, {hi}) V"
+            raise InputError(
+                f"cell_v[{j}] = {float(a[j])!r} is {what} (NaN marks a missing voltage)"
+            )
+        return a, missing
+
+    def _check_temperature(self, temp_c: npt.ArrayLike) -> FloatArray:
+        lo, hi = TEMPERATURE_RANGE_C
+        if isinstance(temp_c, float | int) and not isinstance(temp_c, bool):  # fast path
+            if not lo <= temp_c <= hi:  # False for NaN too
+                raise InputError(f"temp_c = {float(temp_c)!r} is outside [{lo}, {hi}] C")
+            return np.array(temp_c, dtype=float)
+        a = _as_float_array("temp_c", temp_c)
+        if a.ndim and a.shape != (self.n_cells,):
+            raise InputError(
+                f"temp_c must be one value or {self.n_cells} values, got shape {a.shape}"
+            )
+        if not (lo <= _MIN(a) and _MAX(a) <= hi):  # False if any is NaN
+            ok = (a >= lo) & (a <= hi)
+            j = int(np.flatnonzero(~ok.reshape(-1))[0])
+            name = f"temp_c[{j}]" if a.ndim else "temp_c"
+            raise InputError(f"{name} = {float(a.reshape(-1)[j])!r} is outside [{lo}, {hi}] C")
+        return a
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume, as plain JSON-able values (NaN -> None).
+
+        The hooks' own state (SOH, safety latches, a network's history) is theirs to save.
+        """
+        n = self.n_cells
+        st = self._state
+        return {
+            "format": STATE_FORMAT,
+            "cell": self.model.name,
+            "n_cells": n,
+            "method": self.method,
+            "noise": self.noise.model_dump(),
+            "ekf": self.ekf.model_dump(),
+            "ukf": self.ukf.model_dump(),
+            "last_ts": self._last_ts,
+            "initial_soc": None if self._initial_soc is None else self._initial_soc.tolist(),
+            "initial_soc_sigma": self._initial_sigma,
+            "x": None if st is None else st.x.tolist(),
+            "p": None if st is None else st.p.tolist(),
+            "current_a": None if st is None else np.broadcast_to(st.current_a, (n,)).tolist(),
+            "capacity_ah": self._capacity.tolist(),
+            "r0_scale": self._r0_scale.tolist(),
+            "last_innovation": _jsonable(self._last_innovation),
+            "last_v_pred": _jsonable(self._last_v_pred),
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        model: CellModel,
+        data: Mapping[str, Any],
+        *,
+        correction: VoltageCorrection | None = None,
+        correction_fallback: str = "none",
+        health: HealthEstimator | None = None,
+        power: PowerHook | None = None,
+        safety: SafetyCheck | None = None,
+    ) -> PackEstimator:
+        """An estimator resumed from :meth:`state_dict` (raises CheckpointError)."""
+        try:
+            ck = _Checkpoint.model_validate(dict(data))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "state"
+            raise CheckpointError(f"estimator state: {where}: {err['msg']}") from exc
+        if ck.format != STATE_FORMAT:
+            raise CheckpointError(
+                f"estimator state: format {ck.format!r}, expected {STATE_FORMAT!r}"
+            )
+        if ck.cell != model.name:
+            raise CheckpointError(
+                f"estimator state is for cell model {ck.cell!r}, not {model.name!r}"
+            )
+        n = ck.n_cells
+        try:
+            est = cls(
+                model,
+                n,
+                method=ck.method,
+                noise=ck.noise,
+                initial_soc=ck.initial_soc,
+                initial_soc_sigma=ck.initial_soc_sigma,
+                ekf=EkfSettings.model_validate(ck.ekf),
+                ukf=UkfSettings.model_validate(ck.ukf),
+                correction=correction,
+                correction_fallback=correction_fallback,
+                health=health,
+                power=power,
+                safety=safety,
+            )
+            est.set_scales(ck.capacity_ah, ck.r0_scale)
+        except (InputError, ValidationError) as exc:
+            raise CheckpointError(f"estimator state: {exc}") from exc
+        if ck.x is None or ck.p is None or ck.current_a is None or ck.last_ts is None:
+            return est  # saved before its first sample
+        x = _restore("x", ck.x, (3, n))
+        p = _restore("p", ck.p, (6, n))
+        cur = _restore("current_a", [ck.current_a], (1, n))[0]
+        if np.any(p[[0, 3, 5]] <= 0):
+            raise CheckpointError("estimator state: p has a variance <= 0")
+        est._state = FilterState(x, p, cur)
+        est._last_ts = float(ck.last_ts)
+        est._last_innovation = _nan_list("last_innovation", ck.last_innovation, n)
+        est._last_v_pred = _nan_list("last_v_pred", ck.last_v_pred, n)
+        return est
+
+
+class _Checkpoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: str
+    cell: str
+    n_cells: int
+    method: Method
+    noise: dict[str, float]
+    ekf: dict[str, float]
+    ukf: dict[str, float]
+    last_ts: float | None
+    initial_soc: list[float] | None
+    initial_soc_sigma: float
+    x: list[list[float]] | None
+    p: list[list[float]] | None
+    current_a: list[float] | None
+    capacity_ah: list[float]
+    r0_scale: list[float]
+    last_innovation: list[float | None]
+    last_v_pred: list[float | None]
+
+
+def _sane(new: npt.ArrayLike, old: FloatArray) -> FloatArray:
+    a = np.array(new, dtype=float)
+    if a.shape != old.shape:
+        return old
+    return np.where(np.isfinite(a) & (a > 0), a, old)
+
+
+def _restore(name: str, value: list[list[float]], shape: tuple[int, int]) -> FloatArray:
+    a = np.array(value, dtype=float)
+    if a.shape != shape:
+        raise CheckpointError(f"estimator state: {name} has shape {a.shape}, expected {shape}")
+    if not np.all(np.isfinite(a)):
+        raise CheckpointError(f"estimator state: {name} holds a non-finite value")
+    return a
+
+
+def _nan_list(name: str, value: list[float | None], n: int) -> FloatArray:
+    if len(value) != n:
+        raise CheckpointError(f"estimator state: {name} has {len(value)} values, expected {n}")
+    return np.array([np.nan if x is None else x for x in value], dtype=float)
+
+
+def _noise(noise: FilterNoise | Mapping[str, float] | None) -> FilterNoise:
+    if noise is None:
+        return FilterNoise()
+    if isinstance(noise, FilterNoise):
+        return noise
+    try:
+        return FilterNoise.model_validate(dict(noise))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise InputError(f"noise.{where}: {err['msg']} (got {err.get('input')!r})") from exc
+
+
+def _as_float_array(name: str, value: npt.ArrayLike) -> FloatArray:
+    """A float64 copy of ``value`` (the estimator keeps it; the caller may reuse buffers)."""
+    try:
+        return np.array(value, dtype=float)
+    except (TypeError, ValueError):
+        text = repr(value)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        raise InputError(f"{name} must be numbers, got {text}") from None
+
+
+def _bad_value(name: str, value: float, unit: str, limit: float) -> str:
+    if not math.isfinite(value):
+        return f"{name} = {value!r} is not finite"
+    return f"{name} = {value!r} {unit} is beyond +-{limit:g} {unit} (a sensor or wiring fault)"

@@ -1,0 +1,471 @@
+"""Batched Kalman filters on the 2-RC cell model: one numpy step for a whole pack.
+
+State per cell ``x = [soc, v1, v2]`` (v1, v2: RC-branch voltages), stored as an array
+``x[3, n]``; its covariance, symmetric 3x3 per cell, as its six unique entries
+``p[6, n]`` in the order (p00, p01, p02, p11, p12, p22). Storing only the unique
+entries keeps P exactly symmetric, and element-wise formulas on [n]-arrays are several
+times faster than einsum/matmul on [n, 3, 3] for the sizes of a pack (tens to
+thousands of cells), where numpy's per-call overhead dominates.
+
+Model (signs as DESIGN.md: positive current discharges), between samples k-1 and k
+with the current of sample k-1 held over the interval (Plett's convention; it is what
+a sample-and-hold current sensor reports):
+
+    soc_k = soc_{k-1} - dt * i_{k-1} / (3600 Q)
+    v_j,k = a_j v_j,k-1 + R_j (1 - a_j) i_{k-1},      a_j = exp(-dt / tau_j)
+    y_k   = OCV(soc_k, T_k) - i_k R0(soc_k, T_k) - v1_k - v2_k  [+ v_correction]
+
+RC parameters are looked up at the predicted SOC, which is known before any
+parameter (it needs only the current), so one table lookup serves the prediction and
+the measurement. As in any ECM filter the parameters are treated as exogenous in the
+Jacobians (their SOC dependence is slow next to the OCV's).
+
+The EKF redoes a cell's update as an iterated EKF when it moves SOC by more than 2.5
+points (:class:`EkfSettings`); the UKF's sigma points already see the OCV curve.
+
+Process noise is given per sqrt(second) (``Q = sigma**2 * dt``), so a step of any
+length, a varying sample rate or a long gap gets consistent uncertainty growth.
+A step whose voltage is not finite only predicts (a dropout); SOC is clamped to
+[-0.05, 1.05] after each update (the state only: P is untouched, it still describes
+the uncertainty of the estimate).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_bms.cell import CellModel
+
+FloatArray = npt.NDArray[np.float64]
+ArrayOrFloat = FloatArray | float
+
+SOC_CLAMP = (-0.05, 1.05)
+# Unique covariance entries (p00, p01, p02, p11, p12, p22) as index pairs (row, col).
+P_ROWS = np.array([0, 0, 0, 1, 1, 2])
+P_COLS = np.array([0, 1, 2, 1, 2, 2])
+
+
+class FilterNoise(BaseModel):
+    """Noise the filters assume. Process noise is a random walk per sqrt(second).
+
+    The defaults suit a 5 Ah cell sampled at about 1 Hz whose model error (a few mV)
+    is larger than the voltage sensor's noise.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    soc_per_sqrt_s: float = Field(default=2e-5, ge=0, description="SOC random walk, 1/sqrt(s)")
+    v1_v_per_sqrt_s: float = Field(
+        default=2e-4, ge=0, description="RC branch 1 random walk, V/sqrt(s)"
+    )
+    v2_v_per_sqrt_s: float = Field(
+        default=2e-4, ge=0, description="RC branch 2 random walk, V/sqrt(s)"
+    )
+    voltage_v: float = Field(
+        default=3e-3, gt=0, description="terminal-voltage measurement noise, V"
+    )
+    current_a: float = Field(
+        default=0.0,
+        ge=0,
+        description="white noise of each current sample, A; held over dt it adds "
+        "(dt * sigma / (3600 Q))**2 to the SOC variance",
+    )
+
+
+class UkfSettings(BaseModel):
+    """Scaled sigma points (van der Merwe): 2*3+1 = 7 points for the 3 states."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alpha: float = Field(default=1.0, gt=0, le=1)
+    beta: float = Field(default=2.0, ge=0)
+    kappa: float = 0.0
+
+    def weights(self) -> tuple[float, float, float, float]:
+        """(gamma, wm0, wc0, wi): spread sqrt(n + lambda) and the mean/cov weights."""
+        n = 3
+        lam = self.alpha**2 * (n + self.kappa) - n
+        wm0 = lam / (n + lam)
+        wc0 = wm0 + 1.0 - self.alpha**2 + self.beta
+        return math.sqrt(n + lam), wm0, wc0, 0.5 / (n + lam)
+
+
+class EkfSettings(BaseModel):
+    """Iterated update where one update moves SOC far from where OCV was linearised.
+
+    When a cell's update moves its SOC by more than ``iterate_dsoc`` (e.g. the first
+    sample after an initial SOC 30 points wrong, or after a long gap), its update is
+    redone as an iterated EKF: Gauss-Newton on prior + measurement, relinearising OCV at
+    each iterate, up to ``max_iterations`` times. A plain EKF takes that step with the
+    slope of the wrong place, lands off, and with its covariance collapsed crawls back
+    at the pace of the process noise. In steady state an update moves SOC by 1e-4 to
+    1e-3, so the iteration costs nothing there; the threshold (2.5 points, half an OCV
+    table segment of a 21-point grid) keeps a model error spike of tens of mV from
+    triggering it. ``max_iterations=0`` gives the plain EKF.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    iterate_dsoc: float = Field(default=0.025, gt=0)
+    max_iterations: int = Field(default=4, ge=0, le=20)
+
+
+@dataclass(frozen=True, slots=True)
+class FilterState:
+    """Estimates of n cells. Arrays are never modified in place by the step functions.
+
+    ``current_a`` is the last sample's current (0-d for a series string, or [n]): the
+    next step integrates it over its interval.
+    """
+
+    x: FloatArray  # [3, n]: soc, v1, v2
+    p: FloatArray  # [6, n]: p00, p01, p02, p11, p12, p22
+    current_a: FloatArray  # 0-d or [n]
+
+    @classmethod
+    def initial(
+        cls,
+        soc: npt.ArrayLike,
+        soc_sigma: npt.ArrayLike,
+        *,
+        v_sigma: float = 0.01,
+        current_a: npt.ArrayLike = 0.0,
+    ) -> FilterState:
+        """Cells at ``soc`` (RC branches relaxed), diagonal covariance."""
+        s = np.array(soc, dtype=float, ndmin=1)
+        n = s.size
+        x = np.zeros((3, n))
+        x[0] = s
+        p = np.zeros((6, n))
+        p[0] = np.broadcast_to(np.square(soc_sigma), (n,))
+        p[3] = p[5] = v_sigma**2
+        return cls(x, p, np.array(current_a, dtype=float))
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def soc(self) -> FloatArray:
+        soc: FloatArray = self.x[0]
+        return soc
+
+    def covariance(self) -> FloatArray:
+        """The full covariance, [n, 3, 3] (for tests and diagnostics; not the hot path)."""
+        full = np.empty((self.n_cells, 3, 3))
+        full[:, P_ROWS, P_COLS] = self.p.T
+        full[:, P_COLS, P_ROWS] = self.p.T
+        return full
+
+
+class StepResult(NamedTuple):
+    """One step of n cells. ``innovation`` is NaN where the voltage was missing."""
+
+    state: FilterState
+    soc: FloatArray  # [n], clamped to SOC_CLAMP
+    soc_sigma: FloatArray  # [n]
+    v_pred: FloatArray  # [n], predicted terminal voltage (prior, correction included)
+    innovation: FloatArray  # [n], measured - predicted
+    innovation_var: FloatArray  # [n], S = H P H^T + R (its sigma-point version in the UKF)
+    r0_table_ohm: FloatArray  # [n], the table's R0 at the SOC prior (before r0_scale)
+
+
+def _predict(
+    model: CellModel,
+    state: FilterState,
+    dt: ArrayOrFloat,
+    noise: FilterNoise,
+    capacity_ah: ArrayOrFloat | None,
+) -> tuple[FloatArray, FloatArray]:
+    """The SOC prior and the predicted p00 (both need no table lookup)."""
+    k = np.divide(dt, 3600.0 * (model.capacity_ah if capacity_ah is None else capacity_ah))
+    soc = state.x[0] - k * state.current_a
+    q0 = noise.soc_per_sqrt_s**2 * dt
+    if noise.current_a > 0:
+        q0 = q0 + np.square(k * noise.current_a)
+    return soc, state.p[0] + q0
+
+
+def _predict_rc(
+    rows: FloatArray, state: FilterState, dt: ArrayOrFloat, noise: FilterNoise, p00: FloatArray
+) -> tuple[FloatArray, FloatArray]:
+    """RC voltages and the covariance prior, given the parameter rows at the SOC prior.
+
+    A = diag(1, a1, a2), Q = diag(q0, q1, q2): P' = A P A^T + Q element by element.
+    """
+    a = np.exp(np.divide(-dt, rows[4:6]))  # [2, n]: a1, a2
+    ri = rows[2:4] * state.current_a  # R_j i_{k-1}
+    v = state.x[1:3] - ri
+    v *= a
+    v += ri  # a v + R (1 - a) i
+    p = state.p.copy()
+    p[0] = p00
+    p[1:3] *= a  # p01, p02
+    aa = a * a
+    p[3] *= aa[0]  # p11
+    p[3] += noise.v1_v_per_sqrt_s**2 * dt
+    p[5] *= aa[1]  # p22
+    p[5] += noise.v2_v_per_sqrt_s**2 * dt
+    p[4] *= a[0] * a[1]  # p12
+    return v, p
+
+
+def _gain_terms(
+    p: FloatArray, h: FloatArray, r: float | FloatArray
+) -> tuple[FloatArray, FloatArray]:
+    """u = P H^T and S = H P H^T + R for H = [h, -1, -1], row by row (no gathers)."""
+    u = p[0:3] * h  # u_r = p_r0 h - p_r1 - p_r2
+    u[0] -= p[1]
+    u[0] -= p[2]
+    u[1] -= p[3]
+    u[1] -= p[4]
+    u[2] -= p[4]
+    u[2] -= p[5]
+    s = u[0] * h
+    s -= u[1]
+    s -= u[2]
+    s += r
+    return u, s
+
+
+def _sub(a: ArrayOrFloat | npt.ArrayLike | None, idx: npt.NDArray[np.intp]) -> Any:
+    """``a`` at cells ``idx`` if it is per cell, else as it is (scalar or None)."""
+    return a[idx] if isinstance(a, np.ndarray) and a.ndim else a
+
+
+def _update(
+    soc: FloatArray,
+    v: FloatArray,
+    p: FloatArray,
+    h: FloatArray,
+    v_pred: FloatArray,
+    s_extra: FloatArray | None,
+    voltage_v: npt.ArrayLike,
+    r: float | FloatArray,
+    current_a: FloatArray,
+    r0_table: FloatArray,
+) -> StepResult:
+    """Measurement update with H = [h, -1, -1], in place on ``p`` (a fresh prior);
+    ``s_extra`` is added to S (UKF). Row by row: no gathers, no [n, 3, 3] products."""
+    u, s = _gain_terms(p, h, r)
+    if s_extra is not None:
+        s += s_extra
+        # sigma-point weights with alpha << 1 have a negative centre weight and can
+        # push the spread below zero; S < R would claim more than the sensor gives
+        np.maximum(s, r, out=s)
+    y = np.subtract(voltage_v, v_pred)
+    gain = u / s  # K = P H^T / S
+    # y . y is finite iff every y is (a dot product is cheaper than isfinite().all())
+    if math.isfinite(np.dot(y, y)):
+        innovation = y
+    else:  # dropout: no update for those cells (K = 0 leaves x and P at the prior)
+        finite = np.isfinite(y)
+        innovation = np.where(finite, y, np.nan)
+        y = np.where(finite, y, 0.0)
+        gain *= finite
+    x = gain * y
+    x[0] += soc
+    x[1:3] += v
+    # P - K S K^T = P - K u^T, the optimal-gain form of Joseph's update. Only the six
+    # unique entries are updated, so P stays exactly symmetric; it stays positive
+    # definite because S >= R > 0 (P_new^-1 = P^-1 + H^T H / R).
+    p[0:3] -= gain[0] * u  # p00, p01, p02
+    p[3:5] -= gain[1] * u[1:3]  # p11, p12
+    p[5] -= gain[2] * u[2]  # p22
+    np.minimum(np.maximum(x[0], SOC_CLAMP[0], out=x[0]), SOC_CLAMP[1], out=x[0])
+    return StepResult(
+        FilterState(x, p, current_a), x[0], np.sqrt(p[0]), v_pred, innovation, s, r0_table
+    )
+
+
+def ekf_step(
+    model: CellModel,
+    state: FilterState,
+    current_a: npt.ArrayLike,
+    voltage_v: npt.ArrayLike,
+    temperature_c: npt.ArrayLike,
+    dt_s: ArrayOrFloat,
+    noise: FilterNoise,
+    v_correction: FloatArray | None = None,
+    *,
+    capacity_ah: ArrayOrFloat | None = None,
+    r0_scale: ArrayOrFloat | None = None,
+    measurement_var: FloatArray | None = None,
+    settings: EkfSettings | None = None,
+) -> StepResult:
+    """One extended-Kalman step (predict over ``dt_s``, update with this sample).
+
+    ``current_a`` and ``temperature_c``: scalar or [n]; ``voltage_v``: [n], NaN where a
+    cell's voltage is missing. ``v_correction`` ([n]) is added to the predicted terminal
+    voltage (a learned model correction). ``capacity_ah`` and ``r0_scale`` (scalar or
+    [n]) override the model's capacity and scale its R0 (an SOH estimate);
+    ``measurement_var`` ([n], V^2, finite and > 0) replaces ``noise.voltage_v**2`` per
+    cell (a learned noise model). ``settings``: the iterated update (:class:`EkfSettings`).
+    Inputs are not validated here (:class:`edge_bms.estimator.PackEstimator` does that).
+    """
+    i = np.asarray(current_a, dtype=float)
+    soc, p00 = _predict(model, state, dt_s, noise, capacity_ah)
+    rows = model.lookup_rows(soc, temperature_c)  # [7, n]: ocv r0 r1 r2 tau1 tau2 docv
+    v, p = _predict_rc(rows, state, dt_s, noise, p00)
+    r0 = rows[1] if r0_scale is None else rows[1] * r0_scale
+    v_pred = rows[0] - i * r0
+    v_pred -= v[0]
+    v_pred -= v[1]
+    if v_correction is not None:
+        v_pred += v_correction
+    r = noise.voltage_v**2 if measurement_var is None else measurement_var
+    settings = settings or EkfSettings()
+    iterate = settings.max_iterations > 0
+    p_prior = p.copy() if iterate else p
+    res = _update(soc, v, p, rows[6], v_pred, None, voltage_v, r, i, rows[1])
+    if iterate:
+        far = np.abs(res.state.x[0] - soc) > settings.iterate_dsoc
+        if far.any():  # (a clamped dropout cell moves too, but has nothing to iterate on)
+            far &= np.isfinite(res.innovation)
+        if far.any():
+            _iterate(
+                model,
+                res,
+                np.flatnonzero(far),
+                np.stack([soc, v[0], v[1]]),
+                p_prior,
+                i,
+                np.asarray(voltage_v, dtype=float),
+                temperature_c,
+                r0_scale,
+                v_correction,
+                r,
+                settings.max_iterations,
+            )
+    return res
+
+
+def _iterate(
+    model: CellModel,
+    res: StepResult,
+    idx: npt.NDArray[np.intp],
+    x_prior: FloatArray,
+    p_prior: FloatArray,
+    current_a: FloatArray,
+    voltage_v: FloatArray,
+    temperature_c: npt.ArrayLike,
+    r0_scale: ArrayOrFloat | None,
+    v_correction: FloatArray | None,
+    r: float | FloatArray,
+    max_iterations: int,
+) -> None:
+    """Iterated-EKF update of cells ``idx``, written into ``res`` (its arrays are new).
+
+    Gauss-Newton on |x - x_prior|^2_P^-1 + (z - h(x))^2 / R: relinearise at the iterate
+    x_j, then x_{j+1} = x_prior + K_j (z - h(x_j) - H_j (x_prior - x_j)); the covariance
+    comes from the last linearisation. ``res`` holds the plain EKF's result (x_1).
+    """
+    xb = x_prior[:, idx]
+    pb = p_prior[:, idx]
+    x = res.state.x[:, idx]
+    z = voltage_v[idx]
+    i = _sub(current_a, idx)
+    t_all = np.asarray(temperature_c, dtype=float)
+    t = t_all[idx] if t_all.ndim else t_all
+    r0s = _sub(r0_scale, idx)
+    corr = _sub(v_correction, idx)
+    rr = _sub(r, idx)
+    active = np.ones(idx.size, dtype=bool)
+    gain = u = np.zeros_like(x)
+    for _ in range(max_iterations):
+        rows = model.lookup_rows(x[0], t)
+        h = rows[6]
+        r0 = rows[1] if r0s is None else rows[1] * r0s
+        hx = rows[0] - i * r0 - x[1] - x[2]
+        if corr is not None:
+            hx += corr
+        dx = xb - x
+        innov = z - hx - (h * dx[0] - dx[1] - dx[2])
+        u_j, s = _gain_terms(pb, h, rr)
+        gain_j = u_j / s
+        x_new = xb + gain_j * innov
+        np.minimum(np.maximum(x_new[0], SOC_CLAMP[0], out=x_new[0]), SOC_CLAMP[1], out=x_new[0])
+        # a cell stops once its iterate stands still, independently of the others (so a
+        # batch gives what each cell alone would)
+        moved = np.abs(x_new[0] - x[0])
+        x = np.where(active, x_new, x)
+        gain = np.where(active, gain_j, gain)
+        u = np.where(active, u_j, u)
+        active &= moved >= 1e-9
+        if not active.any():
+            break
+    pb[0:3] -= gain[0] * u
+    pb[3:5] -= gain[1] * u[1:3]
+    pb[5] -= gain[2] * u[2]
+    res.state.x[:, idx] = x
+    res.state.p[:, idx] = pb
+    res.soc_sigma[idx] = np.sqrt(pb[0])
+
+
+def ukf_step(
+    model: CellModel,
+    state: FilterState,
+    current_a: npt.ArrayLike,
+    voltage_v: npt.ArrayLike,
+    temperature_c: npt.ArrayLike,
+    dt_s: ArrayOrFloat,
+    noise: FilterNoise,
+    v_correction: FloatArray | None = None,
+    *,
+    capacity_ah: ArrayOrFloat | None = None,
+    r0_scale: ArrayOrFloat | None = None,
+    measurement_var: FloatArray | None = None,
+    settings: UkfSettings | None = None,
+) -> StepResult:
+    """One unscented-Kalman step (scaled sigma points, 7 per cell); same arguments.
+
+    With the RC parameters taken at the mean SOC prior (as in :func:`ekf_step`) the
+    process is linear in the state, so the unscented transform of the prediction is
+    exact and is done in closed form. The measurement is nonlinear only in SOC
+    (OCV and R0) and linear in v1, v2; with sigma points drawn from the predicted
+    covariance (Cholesky factor L, spread gamma) only the pair along L's first column
+    moves SOC, by +-gamma*sqrt(p00). So 3 lookups per cell (soc, soc +- d) give the
+    exact 7-point transform:
+
+        g(s)   = OCV(s) - i R0(s);  g0, g+, g- at soc, soc + d, soc - d
+        z      = wm0 g0 + wi (g+ + g- + 4 g0) - v1 - v2
+        P_xz   = P H^T with H = [(g+ - g-) / 2d, -1, -1]     (L L^T = P, 2 wi gamma^2 = 1)
+        S      = P_zz + R, the EKF's S with p00 h^2 replaced by the sigma-point spread
+                 wc0 e0^2 + wi (e+^2 + e-^2 + 4 e0^2),  e = g - (z + v1 + v2)
+
+    It agrees with filterpy's UnscentedKalmanFilter (MerweScaledSigmaPoints) to
+    round-off; see tests/edge_bms/test_filters.py.
+    """
+    gamma, wm0, wc0, wi = (settings or UkfSettings()).weights()
+    i = np.asarray(current_a, dtype=float)
+    soc, p00 = _predict(model, state, dt_s, noise, capacity_ah)
+    # p00 > 0 unless every SOC noise is zero and the filter has fully converged
+    d = np.maximum(gamma * np.sqrt(p00), 1e-12)
+    rows = model.lookup_rows(np.stack([soc, soc + d, soc - d]), temperature_c)  # [7, 3, n]
+    v, p = _predict_rc(rows[:, 0], state, dt_s, noise, p00)
+    r0 = rows[1] if r0_scale is None else rows[1] * r0_scale
+    g = rows[0] - i * r0  # [3, n]
+    g0, gp, gm = g
+    h = gp - gm
+    h /= 2.0 * d
+    gbar = gp + gm
+    gbar += 4.0 * g0
+    gbar *= wi
+    gbar += wm0 * g0
+    e = g - gbar
+    spread = e[0] * e[0]
+    spread *= wc0 + 4.0 * wi
+    spread += wi * (e[1] * e[1] + e[2] * e[2])
+    spread -= p[0] * h * h  # _update adds the EKF's p00 h^2
+    v_pred = gbar - v[0]
+    v_pred -= v[1]
+    if v_correction is not None:
+        v_pred += v_correction
+    r = noise.voltage_v**2 if measurement_var is None else measurement_var
+    return _update(soc, v, p, h, v_pred, spread, voltage_v, r, i, rows[1, 0])
