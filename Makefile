@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint types imports unit bench bench-campaign clean
+.PHONY: install demo test lint types imports unit bench bench-campaign bench-bms bms-data train-bms cell-model clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU wheel on this machine's disk. Anything that
 	# later depends on torch then finds it satisfied instead of pulling a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[lab,edge,sim,models,dev]'
+	$(PY) -m pip install -q -e '.[lab,edge,sim,models,bms-truth,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -43,6 +43,20 @@ bench: install
 	$(PY) scripts/bench_latency.py
 	$(PY) scripts/bench_tiled.py
 	$(PY) scripts/bench_onnx.py
+
+# edge BMS: PyBaMM ground truth (~20 min on one core, resumable), training, benchmark.
+bms-data: install
+	$(BIN)/labctl models bms-data --out data/bms --jobs 2
+
+train-bms: bms-data
+	$(BIN)/labctl models train-bms --data data/bms --ship-to edge_bms/data/models
+
+bench-bms: bms-data
+	$(PY) scripts/bench_bms.py --sections cost accuracy soh sop
+
+# The cell model fed from cycling on the simulated lab (~4 min).
+cell-model: install
+	$(PY) scripts/cell_model_from_lab.py
 
 # BO vs random vs BO with the property model as prior, 3 landscapes x 10 seeds (~20 min).
 bench-campaign: install

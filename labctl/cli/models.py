@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
+from labctl.cli.models_bms import bms_data
 
 if TYPE_CHECKING:
     from labctl.models.registry import Registry
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 models = typer.Typer(
     no_args_is_help=True, help="ONNX models: list, show, verify, promote, rollback, train."
 )
+models.command("bms-data")(bms_data)
 
 Root = Annotated[
     Path | None,
@@ -233,3 +235,49 @@ def models_train_cell(
         data_sha256=cell_table_sha256(table),
     )  # fmt: skip
     typer.echo(decision.model_dump_json(indent=1))
+
+
+@models.command("train-bms")
+def models_train_bms(
+    data: Annotated[
+        Path, typer.Option(help="Ground-truth profiles from `labctl models bms-data`.")
+    ] = Path("data/bms"),
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 3000,
+    seed: Annotated[int, typer.Option(help="Seed of the training.")] = 0,
+    cell: Annotated[
+        str | None, typer.Option(help="edge_bms cell model name or file (default lg-m50).")
+    ] = None,
+    ship_to: Annotated[
+        Path | None,
+        typer.Option(help="Also write <dir>/bms-correction.onnx + .json for edge_bms."),
+    ] = None,
+    registry: Root = None,
+) -> None:
+    """Train the edge BMS voltage-correction network (torch -> ONNX) on the training
+    profiles, score the plain and the corrected filter on the held-out profiles, register
+    it, and promote it if not worse. Prints the scores (JSON)."""
+    from edge_bms.cell import load_cell
+    from labctl.models.bms_correction import BmsTrainConfig, ship, train_bms
+
+    if not (data / "manifest.json").is_file():
+        raise _fail(f"--data: {data}/manifest.json not found; run `labctl models bms-data` first")
+    reg = _registry(registry)
+    result = train_bms(
+        data,
+        reg,
+        cell=load_cell(cell),
+        config=BmsTrainConfig(steps=steps, seed=seed),
+        progress=lambda m: typer.echo(m, err=True),
+    )
+    out: dict[str, Any] = {
+        "version": result.record.version,
+        "promoted": result.promoted,
+        "reason": result.reason,
+        "heldout_plain": result.plain,
+        "heldout_corrected": result.corrected,
+        "plain_voltage_noise_v": result.plain_noise_v,
+    }
+    if ship_to is not None:
+        onnx_path, _ = ship(reg, result.record.name, result.record.version, ship_to)
+        out["shipped"] = str(onnx_path)
+    typer.echo(json.dumps(out, indent=1))

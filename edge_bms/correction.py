@@ -1,0 +1,253 @@
+"""The learned part of the filter: an ONNX network that corrects the 2-RC voltage model.
+
+A 2-RC equivalent circuit misses what a DFN cell does at low temperature, low SOC and
+after long pulses (solid diffusion, electrolyte polarisation). The network sees what
+the filter knows at each step (its SOC, the cell temperature, the current and three
+exponential moving averages of it: 10 s, 60 s, 300 s) and predicts
+
+* ``dv_v``: the voltage the ECM gets wrong, added to its predicted terminal voltage, and
+* ``log_var``: the log variance of what is left, used as the filter's measurement noise
+  (where the ECM is poor the filter leans on coulomb counting; KalmanNet-like, but with
+  the Kalman structure kept).
+
+It is trained in torch by ``labctl models train-bms`` (``labctl.models.bms``) and shipped
+as ONNX plus a JSON record (the labctl model record: inputs with units and ranges,
+training data query and hash, held-out metrics, version). Loading verifies the file's
+sha256 against the record and refuses a mismatch; at run time, cells whose features
+leave the training range fall back to the plain filter, and :class:`CorrectionOutput`
+says which cells used the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edge_bms.errors import CorrectionModelError
+
+if TYPE_CHECKING:
+    from edge_bms.estimator import CorrectionInputs
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+KIND = "bms-correction"
+DEFAULT_MODEL = "bms-correction"
+# The features, in the order of the network's input columns.
+FEATURES = ("soc", "temperature_c", "current_a", "i_ema_10s", "i_ema_60s", "i_ema_300s")
+EMA_TAUS_S = (10.0, 60.0, 300.0)
+FallbackReason = Literal["", "missing", "integrity", "metadata", "range"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    min: float | None = None
+    max: float | None = None
+    columns: list[str] = []
+
+
+class CorrectionRecord(BaseModel):
+    """The fields of the labctl model record that the edge needs (others are kept)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    kind: str
+    version: str
+    sha256: str
+    inputs: list[_Spec]
+    outputs: list[_Spec]
+    metrics: dict[str, float] = {}
+    extra: dict[str, Any] = {}
+
+
+def ema_step(ema: FloatArray, current_a: FloatArray, dt_s: float | FloatArray) -> FloatArray:
+    """Moving averages of current with time constants EMA_TAUS_S: ``ema`` is [n, 3]."""
+    taus = np.asarray(EMA_TAUS_S)
+    alpha = -np.expm1(-np.asarray(dt_s, dtype=float)[..., None] / taus)
+    out: FloatArray = ema + alpha * (np.asarray(current_a, dtype=float)[..., None] - ema)
+    return out
+
+
+def features(
+    soc: FloatArray, temperature_c: FloatArray, current_a: FloatArray, ema: FloatArray
+) -> npt.NDArray[np.float32]:
+    """The network's input rows [n, len(FEATURES)], float32."""
+    n = soc.shape[0]
+    out = np.empty((n, len(FEATURES)), dtype=np.float32)
+    out[:, 0] = soc
+    out[:, 1] = temperature_c
+    out[:, 2] = current_a
+    out[:, 3:] = ema
+    return out
+
+
+@dataclass(frozen=True)
+class CorrectionOutput:
+    """Per cell: the voltage correction, the measurement variance, and whether it applied."""
+
+    dv_v: FloatArray
+    r_var_v2: FloatArray  # NaN where the network did not apply: the filter keeps its own R
+    used: BoolArray
+
+
+class VoltageCorrectionNet:
+    """An onnxruntime session of the correction network with its verified record."""
+
+    def __init__(self, model: bytes, record: CorrectionRecord, source: str) -> None:
+        import onnxruntime as ort  # type: ignore[import-untyped]
+
+        self.record = record
+        self.source = source
+        self.version = record.version
+        if record.kind != KIND:
+            raise CorrectionModelError(f"{source}: kind {record.kind!r}, expected {KIND!r}")
+        extra = record.extra
+        cols = list(extra.get("features", []))
+        if cols != list(FEATURES):
+            raise CorrectionModelError(
+                f"{source}: features {cols} differ from what this edge_bms computes "
+                f"{list(FEATURES)}; retrain with this version"
+            )
+        ranges = extra.get("feature_ranges", {})
+        try:
+            self.lo = np.array([float(ranges[c][0]) for c in FEATURES])
+            self.hi = np.array([float(ranges[c][1]) for c in FEATURES])
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise CorrectionModelError(
+                f"{source}: extra.feature_ranges must give [min, max] for each of {FEATURES}"
+            ) from exc
+        self.r_floor_v2 = float(extra.get("r_floor_v2", 1e-6))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # One thread: a gateway runs many packs; and at 200 rows threads cost more than they win.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                model, sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise CorrectionModelError(f"{source}: onnxruntime cannot load it: {exc}") from exc
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if self.output_names != ["dv_v", "log_var"]:
+            raise CorrectionModelError(
+                f"{source}: outputs {self.output_names}, expected ['dv_v', 'log_var']"
+            )
+
+        self._ema: FloatArray | None = None
+
+    # -- the estimator's VoltageCorrection protocol ----------------------------------------
+    def features(self, inputs: CorrectionInputs) -> npt.NDArray[np.float32]:
+        """This step's feature rows; updates the current's moving averages (kept here)."""
+        i = np.asarray(inputs.current_a, dtype=float)
+        if self._ema is None or self._ema.shape[0] != i.shape[0]:
+            # A fresh start: the history is unknown, so the averages start at this current.
+            self._ema = np.repeat(i[:, None], len(EMA_TAUS_S), axis=1)
+        else:
+            self._ema = ema_step(self._ema, i, inputs.dt_s)
+        return features(inputs.soc, inputs.temp_c, i, self._ema)
+
+    def predict(self, x: npt.NDArray[np.float32]) -> CorrectionOutput:
+        """Per cell: voltage correction, measurement variance, and whether it applied."""
+        ok = self.in_range(x)
+        dv, log_var = self.session.run(self.output_names, {self.input_name: x})
+        dv = np.where(ok, dv[:, 0].astype(np.float64), 0.0)
+        var = np.maximum(np.exp(log_var[:, 0].astype(np.float64)), self.r_floor_v2)
+        return CorrectionOutput(dv, np.where(ok, var, np.nan), ok)
+
+    def in_range(self, x: npt.NDArray[np.float32]) -> BoolArray:
+        ok: BoolArray = np.all((x >= self.lo) & (x <= self.hi), axis=1)
+        return ok
+
+    def state_dict(self) -> dict[str, Any]:
+        """The moving averages (JSON-able), for the estimator's checkpoint."""
+        return {"version": self.version, "ema": None if self._ema is None else self._ema.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ema = state.get("ema")
+        self._ema = None if ema is None else np.asarray(ema, dtype=float).reshape(-1, 3)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_pair(path: str | Path) -> tuple[bytes, CorrectionRecord, Path]:
+    """The ONNX bytes and record of ``path`` (``X.onnx`` beside ``X.json``), hash verified."""
+    p = Path(path)
+    onnx_path = p if p.suffix == ".onnx" else p.with_suffix(".onnx")
+    json_path = onnx_path.with_suffix(".json")
+    try:
+        model = onnx_path.read_bytes()
+        raw = json.loads(json_path.read_text())
+    except FileNotFoundError as exc:
+        raise CorrectionModelError(
+            f"correction model file not found: {exc.filename}", "missing"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise CorrectionModelError(f"{json_path}:{exc.lineno}: not valid JSON: {exc.msg}") from exc
+    try:
+        record = CorrectionRecord.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise CorrectionModelError(f"{json_path}: {where}: {err['msg']}") from exc
+    actual = _sha256(model)
+    if actual != record.sha256:
+        raise CorrectionModelError(
+            f"{onnx_path}: sha256 mismatch: the record says {record.sha256}, the file is "
+            f"{actual}; the file was modified or corrupted, refusing to load it",
+            "integrity",
+        )
+    return model, record, onnx_path
+
+
+def load_correction(name_or_path: str | Path | None = None) -> VoltageCorrectionNet:
+    """The shipped network (``bms-correction``) or one at a path, hash verified.
+
+    Raises :class:`CorrectionModelError`; :func:`try_load_correction` turns that into a
+    fallback with a reason instead.
+    """
+    if name_or_path is None:
+        name_or_path = DEFAULT_MODEL
+    p = Path(name_or_path)
+    if p.suffix in (".onnx", ".json") or p.exists():
+        model, record, where = read_pair(p)
+        return VoltageCorrectionNet(model, record, str(where))
+    shipped = resources.files("edge_bms") / "data" / "models" / f"{name_or_path}.onnx"
+    if not shipped.is_file():
+        raise CorrectionModelError(
+            f"no correction model named {str(name_or_path)!r} is shipped", "missing"
+        )
+    with resources.as_file(shipped) as f:
+        model, record, where = read_pair(f)
+        return VoltageCorrectionNet(model, record, str(where))
+
+
+def try_load_correction(
+    name_or_path: str | Path | None = None,
+) -> tuple[VoltageCorrectionNet | None, FallbackReason, str]:
+    """(network, "", "") or (None, reason, message): the plain filter runs on failure."""
+    try:
+        return load_correction(name_or_path), "", ""
+    except CorrectionModelError as exc:
+        msg = str(exc)
+        reason: FallbackReason = (
+            "integrity"
+            if "sha256" in msg
+            else "missing"
+            if "not found" in msg or "no correction" in msg
+            else "metadata"
+        )
+        return None, reason, msg
