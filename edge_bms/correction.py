@@ -127,6 +127,12 @@ class VoltageCorrectionNet:
                 f"{source}: extra.feature_ranges must give [min, max] for each of {FEATURES}"
             ) from exc
         self.r_floor_v2 = float(extra.get("r_floor_v2", 1e-6))
+        # The network's variance is per sample; its errors are correlated over minutes, so
+        # the filter would count the same error many times. train-bms picks this factor on
+        # the training profiles.
+        self.r_inflation = float(extra.get("r_inflation", 1.0))
+        if not self.r_inflation > 0:
+            raise CorrectionModelError(f"{source}: extra.r_inflation must be > 0")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # One thread: a gateway runs many packs; and at 200 rows threads cost more than they win.
@@ -164,6 +170,7 @@ class VoltageCorrectionNet:
         dv, log_var = self.session.run(self.output_names, {self.input_name: x})
         dv = np.where(ok, dv[:, 0].astype(np.float64), 0.0)
         var = np.maximum(np.exp(log_var[:, 0].astype(np.float64)), self.r_floor_v2)
+        var *= self.r_inflation
         return CorrectionOutput(dv, np.where(ok, var, np.nan), ok)
 
     def in_range(self, x: npt.NDArray[np.float32]) -> BoolArray:

@@ -361,7 +361,8 @@ class SohEstimator:
             # that moved for another reason than charge (a filter still converging while
             # its sigma already claims trust): dropped, its segment restarted. Without
             # this gate one such point (0.83 Ah on a 4.1 Ah cell, the first point after an
-            # OCV start at 0 degC), fed back into the filter, ran the capacity to +47 %.
+            # OCV start at 0 degC, held-out udds_aged80_0C with an earlier lg-m50 model),
+            # fed back into the filter, ran the capacity to +47 %.
             with np.errstate(divide="ignore", invalid="ignore"):
                 q_point = self.seg_ah / (self.seg_soc - s)
             plausible = (q_point >= self.options["capacity_min_factor"] * self.q_nominal) & (

@@ -56,6 +56,8 @@ class BmsTrainConfig(BaseModel):
     soc_jitter: float = Field(default=0.02, ge=0, description="std of the SOC feature noise")
     var_floor_v2: float = Field(default=1e-6, gt=0, description="variance floor, V^2 (1 mV std)")
     seed: int = 0
+    r_inflations: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0)
+    plain_noises_v: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16)
     max_rows_per_profile: int = Field(default=20000, ge=100)
 
 
@@ -177,6 +179,7 @@ class TrainedCorrection:
     metrics: dict[str, float]
     training_data: TrainingDataInfo
     seconds: float
+    r_inflation: float = 1.0
 
 
 def _dataset(
@@ -360,6 +363,7 @@ def correction_record(
             "ema_taus_s": list(EMA_TAUS_S),
             "feature_ranges": {k: list(v) for k, v in trained.ranges.items()},
             "r_floor_v2": trained.config.var_floor_v2,
+            "r_inflation": trained.r_inflation,
             "config": trained.config.model_dump(mode="json"),
             "cell": cell.name if cell is not None else "",
             "train_seconds": round(trained.seconds, 2),
@@ -413,11 +417,29 @@ def train_bms(
         query=f"{data_root}/manifest.json split=train",
         progress=lambda s, n, loss: say(f"training step {s}/{n}, loss {loss:.3f}"),
     )
-    plain_noise_v = trained.metrics["train_resid_rms_mv_before"] * 1e-3
     model = export_correction(trained)
-    draft = correction_record(trained, {}, name=name, cell=cell).model_dump(mode="json")
-    draft.update(version="candidate", sha256=sha256_bytes(model))
-    net = VoltageCorrectionNet(model, CorrectionRecord.model_validate(draft), "candidate")
+
+    def candidate() -> VoltageCorrectionNet:
+        draft = correction_record(trained, {}, name=name, cell=cell).model_dump(mode="json")
+        draft.update(version="candidate", sha256=sha256_bytes(model))
+        return VoltageCorrectionNet(model, CorrectionRecord.model_validate(draft), "candidate")
+
+    # Tune both filters' measurement noise on (every other) training profile, same budget:
+    # the plain filter's voltage noise, the corrected filter's variance inflation.
+    tune = list(train[::2])
+    cfg = trained.config
+    scores = {}
+    for v in cfg.plain_noises_v:
+        scores[v] = evaluate(cell, tune, None, noise={"voltage_v": v})[0]["rmse"]
+        say(f"tuning: plain filter, voltage noise {v * 1e3:g} mV: SOC RMSE {scores[v]:.4f}")
+    plain_noise_v = min(scores, key=scores.__getitem__)
+    inflation = {}
+    for k in cfg.r_inflations:
+        trained.r_inflation = k
+        inflation[k] = evaluate(cell, tune, candidate())[0]["rmse"]
+        say(f"tuning: corrected filter, variance x{k:g}: SOC RMSE {inflation[k]:.4f}")
+    trained.r_inflation = min(inflation, key=inflation.__getitem__)
+    net = candidate()
     say("scoring the plain filter on the held-out profiles")
     plain, _ = evaluate(cell, test, None, noise={"voltage_v": plain_noise_v})
     say("scoring the corrected filter on the held-out profiles")
