@@ -20,6 +20,7 @@ says which cells used the network.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -70,12 +71,25 @@ class CorrectionRecord(BaseModel):
     extra: dict[str, Any] = {}
 
 
+_TAUS = np.asarray(EMA_TAUS_S)
+
+
 def ema_step(ema: FloatArray, current_a: FloatArray, dt_s: float | FloatArray) -> FloatArray:
     """Moving averages of current with time constants EMA_TAUS_S: ``ema`` is [n, 3]."""
-    taus = np.asarray(EMA_TAUS_S)
-    alpha = -np.expm1(-np.asarray(dt_s, dtype=float)[..., None] / taus)
+    if isinstance(dt_s, float | int):
+        alpha = _alpha(float(dt_s))
+    else:
+        alpha = -np.expm1(-np.asarray(dt_s, dtype=float)[..., None] / _TAUS)
     out: FloatArray = ema + alpha * (np.asarray(current_a, dtype=float)[..., None] - ema)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _alpha(dt_s: float) -> FloatArray:
+    # A pack sampled at a fixed rate asks for the same few dt values: compute them once.
+    a: FloatArray = -np.expm1(-dt_s / _TAUS)
+    a.flags.writeable = False
+    return a
 
 
 def features(
@@ -120,8 +134,9 @@ class VoltageCorrectionNet:
             )
         ranges = extra.get("feature_ranges", {})
         try:
-            self.lo = np.array([float(ranges[c][0]) for c in FEATURES])
-            self.hi = np.array([float(ranges[c][1]) for c in FEATURES])
+            # float32 like the features, so the range check needs no upcast
+            self.lo = np.array([float(ranges[c][0]) for c in FEATURES], dtype=np.float32)
+            self.hi = np.array([float(ranges[c][1]) for c in FEATURES], dtype=np.float32)
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise CorrectionModelError(
                 f"{source}: extra.feature_ranges must give [min, max] for each of {FEATURES}"
@@ -168,10 +183,13 @@ class VoltageCorrectionNet:
         """Per cell: voltage correction, measurement variance, and whether it applied."""
         ok = self.in_range(x)
         dv, log_var = self.session.run(self.output_names, {self.input_name: x})
-        dv = np.where(ok, dv[:, 0].astype(np.float64), 0.0)
-        var = np.maximum(np.exp(log_var[:, 0].astype(np.float64)), self.r_floor_v2)
+        var = np.exp(log_var[:, 0].astype(np.float64))
+        np.maximum(var, self.r_floor_v2, out=var)
         var *= self.r_inflation
-        return CorrectionOutput(dv, np.where(ok, var, np.nan), ok)
+        dv64 = dv[:, 0].astype(np.float64)
+        if ok.all():  # the usual step: no masking to do
+            return CorrectionOutput(dv64, var, ok)
+        return CorrectionOutput(np.where(ok, dv64, 0.0), np.where(ok, var, np.nan), ok)
 
     def in_range(self, x: npt.NDArray[np.float32]) -> BoolArray:
         ok: BoolArray = np.all((x >= self.lo) & (x <= self.hi), axis=1)
