@@ -4,11 +4,16 @@
     est = PackEstimator(load_cell(), n_cells=96)
     e = est.step(ts, current_a, cell_v, temp_c)   # e.soc, e.soc_sigma, e.pack_soc
 
+    # with the shipped learned voltage correction (falls back to the plain filter, flagged):
+    net, reason, _ = try_load_correction()
+    est = PackEstimator(load_cell(), 96, correction=net, correction_fallback=reason or "none")
+
 Units and signs: seconds, volts, amperes with positive current = discharge, deg C, SOC 0..1.
 Heavy parts load where used (onnxruntime only with a correction network).
 """
 
 from edge_bms.cell import CellModel, Limits, Params, default_cell, load_cell
+from edge_bms.correction import VoltageCorrectionNet, load_correction, try_load_correction
 from edge_bms.errors import (
     BmsError,
     CellModelError,
@@ -63,9 +68,12 @@ __all__ = [
     "StepResult",
     "UkfSettings",
     "VoltageCorrection",
+    "VoltageCorrectionNet",
     "default_cell",
     "ekf_step",
     "load_cell",
+    "load_correction",
     "pack_soc",
+    "try_load_correction",
     "ukf_step",
 ]
