@@ -31,7 +31,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_bms.cell import CellModel
-from edge_bms.correction import EMA_TAUS_S, FEATURES, KIND, ema_step
+from edge_bms.correction import EMA_TAUS_S, FEATURES, KIND, ema_step, features
 from labctl.models._export import quiet_exporter
 from labctl.models.registry import InputSpec, ModelRecord, OutputSpec, TrainingDataInfo
 
@@ -152,8 +152,6 @@ def ecm_residuals(cell: CellModel, p: Profile) -> tuple[npt.NDArray[np.float32],
         ema[k] = e[0]
     v_ecm = prm.ocv - i_meas * r0 - v1 - v2
     resid = p.voltage_v - v_ecm
-    from edge_bms.correction import features
-
     return features(soc, temp, i_meas, ema), resid
 
 

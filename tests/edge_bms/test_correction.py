@@ -91,20 +91,22 @@ def test_moving_averages_follow_a_current_step() -> None:
     assert np.allclose(ema[0], 1.0 - np.exp(-60.0 / np.array(EMA_TAUS_S)), rtol=1e-12)
 
 
-def test_onnx_matches_torch(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    from labctl.models.bms_correction import BmsTrainConfig, build_module, export_correction
+def test_onnx_matches_torch() -> None:
+    import onnxruntime as ort
+    import torch
+
+    from labctl.models.bms_correction import (
+        BmsTrainConfig,
+        TrainedCorrection,
+        build_module,
+        export_correction,
+    )
+    from labctl.models.registry import TrainingDataInfo
 
     cfg = BmsTrainConfig(hidden=8, steps=10)
     module = build_module(cfg, np.zeros(6), np.ones(6))
-
-    class Trained:  # what export_correction reads
-        pass
-
-    t = Trained()
-    t.module = module  # type: ignore[attr-defined]
-    onnx_bytes = export_correction(t)  # type: ignore[arg-type]
-    import onnxruntime as ort
+    info = TrainingDataInfo(query="", sha256="0" * 64, rows=0)
+    onnx_bytes = export_correction(TrainedCorrection(module, cfg, {}, {}, info, 0.0))
 
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).normal(size=(257, 6)).astype(np.float32)

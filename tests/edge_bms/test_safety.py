@@ -9,20 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_bms.cell import Limits
 from edge_bms.errors import InputError
+from edge_bms.identify import LG_M50_LIMITS
 from edge_bms.safety import Alarm, SafetyConfig, SafetyMonitor, Threshold
 
-LIMITS = Limits(
-    v_min=2.5,
-    v_max=4.2,
-    i_discharge_max_a=7.28,
-    i_charge_max_a=3.4,
-    t_min_c=-20.0,
-    t_max_c=60.0,
-    soc_min=0.0,
-    soc_max=1.0,
-)
+LIMITS = LG_M50_LIMITS
 
 
 def config(**over: Threshold) -> SafetyConfig:
