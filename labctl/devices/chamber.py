@@ -127,7 +127,7 @@ class TemperatureChamber(SerialInstrument):
         super().__init__(url, name, timeout=timeout, baudrate=baudrate)
         self._io_lock = asyncio.Lock()
         self._resync_needed = False
-        self._idn_line: bytes | None = None
+        self._sync_token = 1
         self._move: _Move | None = None  # the pending or running move, if any
 
     # -- SCPI exchanges ---------------------------------------------------------------------
@@ -175,14 +175,14 @@ class TemperatureChamber(SerialInstrument):
         return exc
 
     async def _resync(self, *, clear: bool = True) -> None:
-        """Read past any stale reply to a fresh ``*IDN?`` answer (after a timeout/garble).
+        """Read past any stale reply to a fresh sync token (after a timeout/garble).
 
         With ``clear``, ``*CLS`` goes first: errors still queued belong to commands that
         have already been reported as failed, and must not fail the next one.
         """
-        payload = chamber.compound(chamber.CLS, chamber.IDN) if clear else chamber.IDN
-        raw = await self._query(payload, chamber.identity_complete(self._idn_line))
-        self._idn_line = chamber.last_line(raw)
+        self._sync_token = (self._sync_token - 1) % 254 + 2  # 2..255, never the last one again
+        payload = chamber.sync_query(self._sync_token, clear=clear)
+        await self._query(payload, chamber.sync_complete(self._sync_token))
         self._resync_needed = False
 
     async def _exchange(self, payload: bytes) -> bytes:
@@ -272,7 +272,6 @@ class TemperatureChamber(SerialInstrument):
         async with self._io_lock:
             raw = await self._query(chamber.IDN, scpi.reply_complete)
             ident = self._decode(lambda: scpi.decode_identity(raw))
-            self._idn_line = raw
             self._resync_needed = False
             await self._write(chamber.CLS)  # errors left by an earlier session are not ours
         self._set_identity(

@@ -573,6 +573,23 @@ def test_setter_faults_raise_clear_errors_and_recover(
     assert lab_value(tcp_lab, lambda: list(sim.errors)) == []
 
 
+def test_replies_later_than_the_resync_are_not_taken_for_the_next_answer(
+    tcp_lab: LabThread, tcp_chamber: TemperatureChamber, call: Callable[..., Any]
+) -> None:
+    # The setter's answer and the diagnosing resync's answer both arrive after every
+    # timeout and after the next exchange's drain window: the next resync must read
+    # past both (an *IDN? marker could not: the stale one equals the fresh one).
+    sim = _sim(tcp_lab)
+    sim.faults.inject("late_reply", delay_s=1.5)
+    err = call(_put_error(tcp_chamber.ramp_rate, 1.5))
+    assert isinstance(err, DeviceTimeoutError)
+    tcp_chamber.transport.timeout = 2.0  # long enough to see the stale replies arrive
+    call(_put(tcp_chamber.ramp_rate, 1.25))
+    assert lab_value(tcp_lab, lambda: sim.ramp) == 1.25
+    assert codec.decode_positive(call(tcp_chamber.ask(codec.RAMP))) == 1.25
+    assert lab_value(tcp_lab, lambda: list(sim.errors)) == []
+
+
 def test_a_failed_move_fails_the_run(
     tcp_lab: LabThread, tcp_chamber: TemperatureChamber, RE: RunEngine
 ) -> None:

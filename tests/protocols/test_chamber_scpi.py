@@ -254,13 +254,15 @@ def test_compound_query_is_one_message_with_root_resets() -> None:
         chamber.compound()
 
 
-def test_resync_reads_past_stale_replies() -> None:
-    idn = b"LABCTL,TC-150,TC150-0042,1.4.0\n"
-    complete = chamber.identity_complete(idn)
+def test_resync_reads_past_stale_replies_to_its_own_token() -> None:
+    assert chamber.sync_query(7, clear=True) == b"*CLS;*ESE 7;*ESE?\n"
+    assert chamber.sync_query(255, clear=False) == b"*ESE 255;*ESE?\n"
+    for bad in (0, 1, 256):
+        with pytest.raises(ValueError, match=f"token: must be in 2..255, got {bad}"):
+            chamber.sync_query(bad, clear=False)
+    complete = chamber.sync_complete(7)
     assert not complete(b"+2.50000E+01\n")  # a late answer to an earlier query
-    assert not complete(b"+2.50000E+01\nLABCTL,TC-1")
-    assert complete(b"+2.50000E+01\n" + idn)
-    assert chamber.last_line(b"+2.50000E+01\n" + idn) == idn
-    anything = chamber.identity_complete(None)
-    assert anything(b'0,"No error"\nA,B,C,D\n')
-    assert not anything(b'0,"No error"\n')
+    assert not complete(b"6\n")  # the token of an earlier resync, answered late
+    assert not complete(b"6\n7")
+    assert complete(b'0,"No error"\n6\n7\n')
+    assert chamber.last_line(b"+2.50000E+01\n7\n") == b"7\n"

@@ -236,27 +236,29 @@ def last_line(raw: bytes) -> bytes:
     return raw[: -len(TERMINATOR)].rsplit(TERMINATOR, 1)[-1] + TERMINATOR
 
 
-def _is_identity(line: bytes) -> bool:
-    try:
-        scpi.decode_identity(line)
-    except InstrumentError:
-        return False
-    return True
+SYNC_TOKENS = range(2, 256)  # *ESE masks; 0 and 1 are what *OPC?/*TST?/*ESR? answer
 
 
-def identity_complete(expected: bytes | None) -> Callable[[bytes], bool]:
-    """Completeness test for a resync ``*IDN?``: read past stale replies to its answer.
+def sync_query(token: int, *, clear: bool) -> bytes:
+    """``[*CLS;]*ESE <token>;*ESE?``: a resync whose answer no stale reply can carry.
 
-    SCPI replies carry no command identifier, so after a timeout a late answer can
-    still be on the line. ``*IDN?`` has a reply nothing else has (``expected``, or
-    any well-formed identity when it is not yet known).
+    ``*ESE`` is an IEEE 488.2 mandatory register the driver does not otherwise use;
+    writing a fresh token and reading it back marks the end of the line's backlog.
+    An ``*IDN?`` answer cannot do that: a late one from an earlier resync is
+    byte-identical to the fresh one.
     """
+    if token not in SYNC_TOKENS:
+        raise ValueError(f"token: must be in 2..255, got {token}")
+    marker = compound(scpi.encode("*ESE", token), scpi.encode("*ESE?"))
+    return compound(CLS, marker) if clear else marker
+
+
+def sync_complete(token: int) -> Callable[[bytes], bool]:
+    """Completeness test for :func:`sync_query`: read past stale replies to the token."""
+    expected = str(token).encode("ascii") + TERMINATOR
 
     def complete(buf: bytes) -> bool:
-        if not buf.endswith(TERMINATOR):
-            return False
-        line = last_line(buf)
-        return line == expected if expected is not None else _is_identity(line)
+        return buf.endswith(TERMINATOR) and last_line(buf) == expected
 
     return complete
 
