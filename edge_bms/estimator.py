@@ -41,6 +41,7 @@ from edge_bms.filters import (
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 Method = Literal["ekf", "ukf"]
+HealthFeedback = Literal["all", "capacity", "none"]  # what an SOH estimate feeds back
 
 STATE_FORMAT = "edge_bms.estimator/1"
 # Plausibility bounds of raw inputs: beyond them a value is a sensor or wiring fault, not a
@@ -48,10 +49,15 @@ STATE_FORMAT = "edge_bms.estimator/1"
 VOLTAGE_RANGE_V = (0.0, 10.0)  # exclusive
 TEMPERATURE_RANGE_C = (-60.0, 150.0)  # inclusive
 CURRENT_ABS_MAX_A = 1e4
-# Prior SOC sigma when the initial SOC is read off the first sample's OCV: the voltage
-# under load or shortly after it carries RC polarisation (tens of mV) that the inversion
-# takes for SOC; on the flat parts of an OCV curve 10 mV is several percent of SOC.
-OCV_PRIOR_SIGMA = 0.1
+# Prior SOC sigma when the initial SOC is read off the first sample's OCV: the voltage's
+# uncertainty as an OCV (the model's OCV error and hysteresis, RC polarisation left from
+# before the start, half the ohmic drop under load) divided by the OCV slope there, so a
+# start on a steep part of the curve is trusted and one on the flat middle is not. A
+# fixed wide sigma let the first minutes of model error (a held-out temperature, say)
+# drag an accurate OCV start several points away.
+OCV_PRIOR_SIGMA_V = 0.005
+OCV_PRIOR_SIGMA_RANGE = (0.01, 0.1)
+OCV_PRIOR_SIGMA = OCV_PRIOR_SIGMA_RANGE[1]  # the widest an OCV start gets
 # Prior SOC sigma when the caller gives the initial SOC without its sigma: we do not
 # know where it came from (a stale coulomb count, a guess), so wide.
 GIVEN_PRIOR_SIGMA = 0.3
@@ -59,6 +65,9 @@ GIVEN_PRIOR_SIGMA = 0.3
 # uniform distribution over [0, 1].
 UNKNOWN_SOC, UNKNOWN_SOC_SIGMA = 0.5, 0.29
 RC_PRIOR_SIGMA_V = 0.01
+# Bounds on what an SOH estimate feeds back (see PackEstimator._update_health).
+HEALTH_CAPACITY_MAX = 1.0  # x the model's capacity
+HEALTH_R0_SCALE_MIN = 1.0
 
 
 # -- hooks ---------------------------------------------------------------------------------
@@ -232,11 +241,15 @@ class PackEstimator:
     """SOC of ``n_cells`` cells of one cell model, sample by sample.
 
     ``initial_soc``: scalar or [n]; None reads it off the first sample (OCV of the
-    voltage corrected by ``i * R0``), with sigma ``OCV_PRIOR_SIGMA`` (0.1), and that
-    sample only initialises (its voltage is used once). A given SOC gets sigma
-    ``initial_soc_sigma`` (default ``GIVEN_PRIOR_SIGMA``, 0.3) and the first sample
-    updates it. ``correction_fallback`` is the reason reported while ``correction`` is
-    None (e.g. the loader's "missing" or "integrity").
+    voltage corrected by ``i * R0``), with sigma ``OCV_PRIOR_SIGMA_V`` (plus half the
+    ohmic drop) over the OCV slope there, within ``OCV_PRIOR_SIGMA_RANGE`` (or
+    ``initial_soc_sigma`` when given), and that sample only initialises (its voltage is
+    used once). A given SOC gets sigma ``initial_soc_sigma`` (default
+    ``GIVEN_PRIOR_SIGMA``, 0.3) and the first sample updates it. ``correction_fallback``
+    is the reason reported while ``correction`` is None (e.g. the loader's "missing" or
+    "integrity"). ``health_feedback``: what a ``health`` estimator's results change in
+    the filter: "all" (capacity and R0 scale), "capacity", or "none" (estimate only);
+    fed-back values are bounded by ``HEALTH_CAPACITY_MAX`` and ``HEALTH_R0_SCALE_MIN``.
     """
 
     def __init__(
@@ -255,9 +268,15 @@ class PackEstimator:
         health: HealthEstimator | None = None,
         power: PowerHook | None = None,
         safety: SafetyCheck | None = None,
+        health_feedback: HealthFeedback = "all",
     ) -> None:
         if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1:
             raise InputError(f"n_cells must be an integer >= 1, got {n_cells!r}")
+        if health_feedback not in ("all", "capacity", "none"):
+            raise InputError(
+                f"health_feedback must be 'all', 'capacity' or 'none', got {health_feedback!r}"
+            )
+        self.health_feedback: HealthFeedback = health_feedback
         if method not in ("ekf", "ukf"):
             raise InputError(f"method must be 'ekf' or 'ukf', got {method!r}")
         self.model = model
@@ -281,6 +300,7 @@ class PackEstimator:
             if not (math.isfinite(sigma) and sigma > 0):
                 raise InputError(f"initial_soc_sigma must be > 0, got {initial_soc_sigma!r}")
         self._initial_sigma = sigma
+        self._initial_sigma_given = initial_soc_sigma is not None
         self._state: FilterState | None = None
         self._last_ts: float | None = None
         self._capacity = np.full(n, model.capacity_ah)
@@ -460,8 +480,16 @@ class PackEstimator:
         )
         # an SOH glitch must not corrupt the SOC filter: a cell keeps its previous value
         # where the new one is not finite and > 0 (or the array has the wrong shape)
-        self._capacity = _sane(self.health.capacity_ah, self._capacity)
-        self._r0_scale = _sane(self.health.r0_scale, self._r0_scale)
+        if self.health_feedback == "none":
+            return
+        # Cells fade and their resistance grows; they do not get better. A fed-back
+        # estimate above the rated capacity or below the table's R0 is estimator error
+        # (an SOC-difference segment the filter biased), so it is held at the bound.
+        cap = _sane(self.health.capacity_ah, self._capacity)
+        self._capacity = np.minimum(cap, HEALTH_CAPACITY_MAX * self.model.capacity_ah)
+        if self.health_feedback == "all":
+            r0s = _sane(self.health.r0_scale, self._r0_scale)
+            self._r0_scale = np.maximum(r0s, HEALTH_R0_SCALE_MIN)
         self._scaled = True
 
     # -- initial state -------------------------------------------------------------------
@@ -480,7 +508,13 @@ class PackEstimator:
         r0 = self.model.lookup(soc_v, temp).r0 * self._r0_scale
         soc = self.model.soc_from_ocv(v_known + i * r0, temp)
         soc = np.where(known, soc, UNKNOWN_SOC)
-        sigma = np.where(known, self._initial_sigma, UNKNOWN_SOC_SIGMA)
+        if self._initial_sigma_given:
+            sigma = np.full(self.n_cells, self._initial_sigma)
+        else:
+            slope = np.abs(self.model.lookup_rows(soc, temp)[6])
+            sigma_v = OCV_PRIOR_SIGMA_V + 0.5 * np.abs(i * r0)
+            sigma = np.clip(sigma_v / np.maximum(slope, 1e-9), *OCV_PRIOR_SIGMA_RANGE)
+        sigma = np.where(known, sigma, UNKNOWN_SOC_SIGMA)
         return FilterState.initial(soc, sigma, v_sigma=RC_PRIOR_SIGMA_V)
 
     # -- input checks (no state is touched until all pass) --------------------------------

@@ -90,6 +90,7 @@ def run_cells(
     noise: dict[str, float] | None = None,
     health: HealthEstimator | None = None,
     record: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> list[Trace]:
     """Run one estimator of ``n_cells`` cells that all see the profile's measurements
     (e.g. the same cell from several initial SOCs, ``initial_soc`` [n]): one trace per
@@ -107,6 +108,7 @@ def run_cells(
         correction=correction,
         noise=noise,
         health=health,
+        **(options or {}),
     )
     t = p.time_s[ok]
     i = p.current_a[ok]

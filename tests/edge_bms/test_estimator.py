@@ -15,7 +15,11 @@ from hypothesis import strategies as st
 from edge_bms.cell import CellModel
 from edge_bms.errors import CheckpointError, InputError
 from edge_bms.estimator import (
+    HEALTH_CAPACITY_MAX,
+    HEALTH_R0_SCALE_MIN,
     OCV_PRIOR_SIGMA,
+    OCV_PRIOR_SIGMA_RANGE,
+    OCV_PRIOR_SIGMA_V,
     UNKNOWN_SOC,
     CorrectionInputs,
     PackEstimate,
@@ -123,7 +127,11 @@ def test_initial_soc_from_ocv_of_the_first_sample(cell: CellModel) -> None:
     est = PackEstimator(cell, N, noise=NOISE)
     e = est.step(100.0, 0.0, v, 10.0)
     np.testing.assert_allclose(e.soc[:3], soc[:3], atol=1e-9)
-    np.testing.assert_allclose(e.soc_sigma[:3], OCV_PRIOR_SIGMA)
+    # sigma: the OCV's voltage uncertainty over the slope there, within the stated range
+    slope = np.abs(cell.lookup_rows(soc[:3], 10.0)[6])
+    expected = np.clip(OCV_PRIOR_SIGMA_V / slope, *OCV_PRIOR_SIGMA_RANGE)
+    np.testing.assert_allclose(e.soc_sigma[:3], expected, rtol=1e-9)
+    assert expected.max() <= OCV_PRIOR_SIGMA and expected.min() >= OCV_PRIOR_SIGMA_RANGE[0]
     assert e.soc[3] == UNKNOWN_SOC and e.soc_sigma[3] > 0.25
     np.testing.assert_allclose(e.innovation[:3], 0.0, atol=1e-9)
     assert e.flags.initial and e.flags.correction_reason == "initial"
@@ -367,7 +375,11 @@ def test_works_with_the_package_soh_and_safety(cell: CellModel) -> None:
     for k in range(300):
         e = est.step(sim.t[k], sim.current[k, 0], sim.voltage[k], 25.0)
     assert np.abs(e.soc - sim.soc[-1]).max() < 0.01
-    np.testing.assert_array_equal(e.r0_scale, health.r0_scale)
+    # fed back within physical bounds: no better than the table, no more than rated
+    np.testing.assert_array_equal(e.r0_scale, np.maximum(health.r0_scale, HEALTH_R0_SCALE_MIN))
+    np.testing.assert_array_equal(
+        e.capacity_ah, np.minimum(health.capacity_ah, HEALTH_CAPACITY_MAX * cell.capacity_ah)
+    )
     assert list(e.alarms) == []
 
 
@@ -387,3 +399,24 @@ def test_as_dict_is_json(cell: CellModel) -> None:
     assert d["innovation"][1] is None and d["dropout"] == [1]
     assert d["correction_reason"] == "none"
     assert isinstance(FilterState.initial([0.5], 0.1).soc, np.ndarray)
+
+
+@pytest.mark.parametrize("feedback", ["all", "capacity", "none"])
+def test_health_feedback_chooses_what_an_soh_estimate_changes(
+    cell: CellModel, feedback: str
+) -> None:
+    class Health:  # a fixed verdict: 80 % capacity, 2x R0
+        capacity_ah = np.full(N, 0.8 * cell.capacity_ah)
+        r0_scale = np.full(N, 2.0)
+
+        def update(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    est = PackEstimator(cell, N, noise=NOISE, health=Health(), health_feedback=feedback)  # type: ignore[arg-type]
+    for k in range(3):
+        e = est.step(float(k), 1.0, np.full(N, 3.7), 25.0)
+    cap = 0.8 * cell.capacity_ah if feedback != "none" else cell.capacity_ah
+    np.testing.assert_allclose(e.capacity_ah, cap)
+    np.testing.assert_allclose(e.r0_scale, 2.0 if feedback == "all" else 1.0)
+    with pytest.raises(InputError, match="health_feedback must be 'all', 'capacity' or 'none'"):
+        PackEstimator(cell, N, health_feedback="some")  # type: ignore[arg-type]
