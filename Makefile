@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint types imports unit bench bench-campaign bench-bms bms-data train-bms cell-model clean
+.PHONY: install demo test lint types imports unit bench bench-campaign bench-bms bms-data train-bms cell-model bms-demo clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ train-bms: bms-data
 
 bench-bms: bms-data
 	$(PY) scripts/bench_bms.py --sections cost accuracy soh sop
+
+# edge_bms over MQTT: in-process broker on 1884, simulated packs, the service, a live table.
+bms-demo: install
+	$(BIN)/edge-bms demo --port 1884 --packs 4 --cells 16
 
 # The cell model fed from cycling on the simulated lab (~4 min).
 cell-model: install

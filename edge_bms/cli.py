@@ -3,6 +3,9 @@ the edge's own).
 
     edge-bms replay --input cell.csv --output est.csv [--cell NAME_OR_DIR]
                     [--initial-soc X] [--initial-soc-sigma S] [--method ekf|ukf]
+    edge-bms identify ...            (edge_bms.identify)
+    edge-bms run --config pack.toml  (edge_bms.service.cli: packs over MQTT, contract 5)
+    edge-bms demo [--port P]         (in-process broker + pack simulator + service)
 
 ``replay`` (DESIGN.md contract 4) runs the estimator over one cell's recording, row by
 row (streaming: ``-`` reads stdin / writes stdout, one output row per input row, so it
@@ -37,7 +40,7 @@ from edge_bms.estimator import PackEstimator
 INPUT_COLUMNS = ("time_s", "current_a", "voltage_v", "temperature_c")
 OUTPUT_COLUMNS = ("time_s", "soc", "soc_sigma", "v_pred", "innovation", "correction_used")
 # Modules that add subcommands when they are installed: ``register(subparsers)``.
-OPTIONAL_COMMANDS = ("edge_bms.identify",)
+OPTIONAL_COMMANDS = ("edge_bms.identify", "edge_bms.service.cli")
 
 
 class ReplaySummary(NamedTuple):

@@ -14,8 +14,8 @@ import pytest
 
 from edge_bms.cell import CellModel
 from edge_bms.cli import main
-from edge_bms.filters import FilterNoise
 from edge_bms.estimator import OCV_PRIOR_SIGMA_RANGE
+from edge_bms.filters import FilterNoise
 
 from .conftest import pulse_profile, simulate
 
