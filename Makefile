@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint types imports unit bench bench-campaign bench-bms bms-data train-bms cell-model bms-demo clean
+.PHONY: install demo test lint types imports unit bench bench-campaign bench-bms bms-data train-bms cell-model bms-demo bench-bms-mqtt clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench-bms: bms-data
 # edge_bms over MQTT: in-process broker on 1884, simulated packs, the service, a live table.
 bms-demo: install
 	$(BIN)/edge-bms demo --port 1884 --packs 4 --cells 16
+
+# edge-bms run end to end through the Mosquitto on 127.0.0.1:1883 (~2 min).
+bench-bms-mqtt: install
+	$(PY) scripts/bench_bms_mqtt.py
 
 # The cell model fed from cycling on the simulated lab (~4 min).
 cell-model: install

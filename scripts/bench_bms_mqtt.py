@@ -1,0 +1,253 @@
+"""End-to-end throughput and latency of ``edge-bms run`` through a real MQTT broker.
+
+    .venv/bin/python scripts/bench_bms_mqtt.py [--broker mqtt://127.0.0.1:1883]
+        [--packs 100] [--cells 96 200] [--rates 1 2] [--seconds 20] [--correction default]
+
+For each pack size and telemetry rate: simulated packs (``hardware_mocks.packs``) publish
+contract-5 telemetry at QoS 1; ``edge-bms run`` runs as its own process; one subscriber
+in this process receives both the telemetry (the broker's plain pass-through, the peer)
+and the service's state messages. Latency is wall time from our publish to the receipt
+of the state with that (pack, seq); the pass-through column is the same for the
+telemetry message itself. CPU is the service process's user + system time (from /proc)
+per 1,000 cell-updates. Last, the broker's plain pass-through *rate* for messages of the
+same size (publish as fast as we can at QoS 0, count what arrives).
+
+Target (issue 6): at least 20,000 cell-updates/s (100 packs x 200 cells at 1 Hz) with
+p99 under 50 ms on this 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from hardware_mocks.packs import PackSimulator
+
+REPO = Path(__file__).resolve().parents[1]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def write_config(
+    path: Path, sim: PackSimulator, host: str, port: int, prefix: str, args: Any
+) -> None:
+    lines = [
+        f'instance = "bench-{uuid.uuid4().hex[:6]}"',
+        f'prefix = "{prefix}"',
+        "[broker]",
+        f'url = "mqtt://{host}:{port}"',
+        "qos = 1",
+        "[estimator]",
+        f'correction = "{args.correction}"',
+        f"sop_interval_s = {args.sop_interval}",
+        "[limits]",
+        "max_cells = 4096",
+    ]
+    for pid in sim.pack_ids:
+        lines += [
+            "[[packs]]",
+            f'id = "{pid}"',
+            f"n_cells = {sim.n_cells}",
+            f"cells_per_temp_sensor = {sim.config.cells_per_temp_sensor}",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+async def wait_online(host: str, port: int, prefix: str, timeout: float = 30.0) -> None:
+    async with aiomqtt.Client(host, port) as c:
+        await c.subscribe(f"{prefix}/status/#", qos=1)
+        async with asyncio.timeout(timeout):
+            async for m in c.messages:
+                if b"online" in bytes(m.payload):
+                    return
+
+
+async def one_case(args: Any, n_cells: int, rate: float) -> dict[str, float]:
+    host, port = args.host, args.port
+    prefix = f"bench/{uuid.uuid4().hex[:8]}"
+    sim = PackSimulator(
+        n_packs=args.packs, n_cells=n_cells, topic_prefix=prefix, start_ts=time.time(), seed=1
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="bench-bms-mqtt-"))
+    cfg = tmp / "pack.toml"
+    write_config(cfg, sim, host, port, prefix, args)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_BMS_MQTT_")}
+    env["PYTHONPATH"] = str(REPO)
+    log = (tmp / "service.log").open("wb")
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once per case, before timing
+        [sys.executable, "-m", "edge_bms.service.cli", "run", "--config", str(cfg)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+    )
+    sent: dict[tuple[str, int], float] = {}
+    got_state: dict[tuple[str, int], float] = {}
+    got_tel: dict[tuple[str, int], float] = {}
+    import json
+
+    try:
+        await wait_online(host, port, prefix)
+        async with (
+            aiomqtt.Client(host, port, max_queued_incoming_messages=0) as sub,
+            aiomqtt.Client(host, port, max_queued_outgoing_messages=0) as pub,
+        ):
+            await sub.subscribe(f"{prefix}/+/state", qos=1)
+            await sub.subscribe(f"{prefix}/+/telemetry", qos=1)
+
+            async def receive() -> None:
+                async for m in sub.messages:
+                    now = time.perf_counter()
+                    parts = str(m.topic).split("/")
+                    seq = json.loads(bytes(m.payload))["seq"]
+                    key = (parts[-2], int(seq))
+                    (got_state if parts[-1] == "state" else got_tel)[key] = now
+
+            rx = asyncio.create_task(receive())
+            cpu0 = cpu_s(proc.pid)
+            t0 = time.perf_counter()
+            ticks = int(args.seconds * rate)
+            for k in range(ticks):
+                target = t0 + k / rate
+                delay = target - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if k:
+                    sim.advance(1.0 / rate)
+                for msg in sim.telemetry():
+                    seq = int(msg.payload["seq"])
+                    sent[(msg.pack_id, seq)] = time.perf_counter()
+                    await pub.publish(msg.topic, msg.json(), qos=1)
+            wall = max(time.perf_counter() - t0, ticks / rate)
+            deadline = time.perf_counter() + 5.0
+            while len(got_state) < len(sent) and time.perf_counter() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            cpu = cpu_s(proc.pid) - cpu0
+            rx.cancel()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    lat = np.array([got_state[k] - t for k, t in sent.items() if k in got_state]) * 1e3
+    plat = np.array([got_tel[k] - t for k, t in sent.items() if k in got_tel]) * 1e3
+    states = len(lat)
+    return {
+        "cells": n_cells,
+        "rate_hz": rate,
+        "offered_cell_updates_s": args.packs * n_cells * rate,
+        "delivered": states / max(len(sent), 1),
+        "cell_updates_s": states * n_cells / wall,
+        "p50_ms": float(np.percentile(lat, 50)) if states else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99)) if states else float("nan"),
+        "pass_p50_ms": float(np.percentile(plat, 50)) if plat.size else float("nan"),
+        "pass_p99_ms": float(np.percentile(plat, 99)) if plat.size else float("nan"),
+        "cpu_ms_per_1k": 1e3 * cpu / max(states * n_cells / 1e3, 1e-9),
+        "payload_bytes": len(next(iter(sim.telemetry())).json()),
+    }
+
+
+async def pass_through_rate(args: Any, payload_bytes: int, seconds: float = 3.0) -> float:
+    """Messages per second the broker alone passes from one publisher to one subscriber."""
+    topic = f"bench/{uuid.uuid4().hex[:8]}/x"
+    body = b"x" * payload_bytes
+    count = 0
+    async with (
+        aiomqtt.Client(args.host, args.port, max_queued_incoming_messages=0) as sub,
+        aiomqtt.Client(args.host, args.port) as pub,
+    ):
+        await sub.subscribe(topic, qos=0)
+
+        async def receive() -> None:
+            nonlocal count
+            async for _ in sub.messages:
+                count += 1
+
+        rx = asyncio.create_task(receive())
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(100):
+                await pub.publish(topic, body, qos=0)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.5)
+        rx.cancel()
+        return count / (time.perf_counter() - t0)
+
+
+async def main_async(args: Any) -> None:
+    print(
+        f"edge-bms run through {args.host}:{args.port}: {args.packs} packs, QoS 1, "
+        f"correction {args.correction}, SOP every {args.sop_interval:g} s, "
+        f"{args.seconds:g} s per case"
+    )
+    head = (
+        f"{'cells':>5} {'Hz':>4} {'offered/s':>10} {'achieved/s':>10} {'deliv':>6} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'pass p50':>8} {'pass p99':>8} {'CPU ms/1k':>9}"
+    )
+    print(head)
+    rows = []
+    for cells in args.cells:
+        for rate in args.rates:
+            r = await one_case(args, cells, rate)
+            rows.append(r)
+            print(
+                f"{cells:>5} {rate:>4g} {r['offered_cell_updates_s']:>10.0f} "
+                f"{r['cell_updates_s']:>10.0f} "
+                f"{r['delivered']:>6.3f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
+                f"{r['pass_p50_ms']:>8.1f} {r['pass_p99_ms']:>8.1f} {r['cpu_ms_per_1k']:>9.2f}",
+                flush=True,
+            )
+    for cells in args.cells:
+        size = next(r["payload_bytes"] for r in rows if r["cells"] == cells)
+        rate = await pass_through_rate(args, int(size))
+        print(
+            f"broker pass-through alone, {size} B messages ({cells} cells): {rate:,.0f} msg/s "
+            f"= {rate * cells:,.0f} cell-updates/s"
+        )
+    ok = [r for r in rows if r["delivered"] >= 0.999 and r["p99_ms"] < 50]
+    best = max(ok, key=lambda r: r["cell_updates_s"], default=None)
+    if best is None:
+        print("target (>= 20,000 cell-updates/s with p99 < 50 ms): MISS, no case met p99 < 50 ms")
+    else:
+        verdict = "PASS" if best["cell_updates_s"] >= 20_000 else "MISS"
+        print(
+            f"highest sustained with p99 < 50 ms: {best['cell_updates_s']:,.0f} cell-updates/s "
+            f"({best['cells']} cells at {best['rate_hz']:g} Hz): {verdict} (target 20,000)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    parser.add_argument("--packs", type=int, default=100)
+    parser.add_argument("--cells", type=int, nargs="+", default=[96, 200])
+    parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--correction", default="default")
+    parser.add_argument("--sop-interval", type=float, default=10.0)
+    args = parser.parse_args()
+    hostport = args.broker.split("://", 1)[-1]
+    args.host, _, port = hostport.partition(":")
+    args.port = int(port or 1883)
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
