@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--initial-soc-sigma",
         type=_positive,
         default=None,
-        help="its standard deviation (default 0.3 with --initial-soc, 0.1 from OCV)",
+        help="its standard deviation (default 0.3 with --initial-soc; from OCV: from the OCV "
+        "slope, 1-10 %%)",
     )
     p.add_argument("--method", choices=("ekf", "ukf"), default="ekf", help="filter (default ekf)")
     p.add_argument(

@@ -38,7 +38,6 @@ from edge_bms.service.config import (
     ServiceConfig,
     load_config,
 )
-from edge_bms.service.mqtt import run_service
 
 log = logging.getLogger("edge_bms.service")
 
@@ -91,6 +90,8 @@ def run_command(args: argparse.Namespace) -> int:
     except (BmsError, OSError) as exc:
         print(f"edge-bms run: {exc}", file=sys.stderr)
         return 2
+
+    from edge_bms.service.mqtt import run_service  # aiomqtt: only when a service runs
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -252,6 +253,8 @@ async def demo(
     out: TextIO = sys.stdout,
 ) -> PackTable:
     """Broker + simulator + service until ``stop`` (or ``duration`` wall seconds)."""
+    from edge_bms.service.mqtt import run_service
+
     stop = stop or asyncio.Event()
     config = demo_config(port, packs, cells)
     table = PackTable([p.id for p in config.packs])

@@ -205,3 +205,19 @@ def test_optional_subcommands_register(
     monkeypatch.setitem(sys.modules, "edge_bms.identify", fake)
     assert main(["identify", "--output", "m.json"]) == 0
     assert capsys.readouterr().out == "identify -> m.json\n"
+
+
+def test_replay_and_identify_need_no_mqtt_client(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gateway without aiomqtt still runs the offline commands; `run` is listed and
+    imports the client only when it starts."""
+    monkeypatch.setitem(sys.modules, "aiomqtt", None)  # `import aiomqtt` now fails
+    for name in ("edge_bms.service.cli", "edge_bms.service.mqtt"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "replay" in out and "identify" in out and "run" in out
+    assert "edge_bms.service.mqtt" not in sys.modules
