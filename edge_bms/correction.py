@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -267,12 +267,5 @@ def try_load_correction(
     try:
         return load_correction(name_or_path), "", ""
     except CorrectionModelError as exc:
-        msg = str(exc)
-        reason: FallbackReason = (
-            "integrity"
-            if "sha256" in msg
-            else "missing"
-            if "not found" in msg or "no correction" in msg
-            else "metadata"
-        )
-        return None, reason, msg
+        reason = cast(FallbackReason, exc.reason)  # set by every raise above
+        return None, reason, str(exc)

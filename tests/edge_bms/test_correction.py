@@ -65,6 +65,11 @@ def test_missing_and_malformed_records(tmp_path: Path) -> None:
     path.with_suffix(".json").write_text(json.dumps(record))
     with pytest.raises(CorrectionModelError, match="features"):
         load_correction(path)
+    # a record without its hash is a metadata fault, though its message names sha256
+    del record["sha256"]
+    path.with_suffix(".json").write_text(json.dumps(record))
+    net, reason, message = try_load_correction(path)
+    assert net is None and reason == "metadata" and "sha256" in message
 
 
 def test_cells_outside_the_training_range_use_the_plain_filter() -> None:
