@@ -331,6 +331,22 @@ class PackEstimator:
             np.any(self._capacity != self.model.capacity_ah) or np.any(self._r0_scale != 1.0)
         )
 
+    def reset_soc(self, soc: npt.ArrayLike, sigma: float) -> None:
+        """Set every cell's SOC (scalar or [n]) with standard deviation ``sigma``: the
+        next sample updates it. The new SOC is uncorrelated with the RC voltages."""
+        values = np.broadcast_to(self._array("soc", soc, (0.0, 1.0)), (self.n_cells,))
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise InputError(f"sigma must be > 0, got {sigma!r}")
+        if self._state is None:  # before the first sample: the start it will use
+            self._initial_soc = values.copy()
+            self._initial_sigma, self._initial_sigma_given = float(sigma), True
+            return
+        x, p = self._state.x.copy(), self._state.p.copy()
+        x[0] = values
+        p[0] = sigma**2
+        p[1] = p[2] = 0.0
+        self._state = FilterState(x, p, self._state.current_a)
+
     # -- the step ------------------------------------------------------------------------
     def step(
         self,
@@ -622,7 +638,9 @@ class PackEstimator:
             "ukf": self.ukf.model_dump(),
             "last_ts": self._last_ts,
             "initial_soc": None if self._initial_soc is None else self._initial_soc.tolist(),
-            "initial_soc_sigma": self._initial_sigma,
+            # None: derived at the start (from the OCV slope, or the given-SOC default)
+            "initial_soc_sigma": self._initial_sigma if self._initial_sigma_given else None,
+            "health_feedback": self.health_feedback,
             "x": None if st is None else st.x.tolist(),
             "p": None if st is None else st.p.tolist(),
             "current_a": None if st is None else np.broadcast_to(st.current_a, (n,)).tolist(),
@@ -675,6 +693,7 @@ class PackEstimator:
                 health=health,
                 power=power,
                 safety=safety,
+                health_feedback=ck.health_feedback,
             )
             est.set_scales(ck.capacity_ah, ck.r0_scale)
         except (InputError, ValidationError) as exc:
@@ -705,7 +724,8 @@ class _Checkpoint(BaseModel):
     ukf: dict[str, float]
     last_ts: float | None
     initial_soc: list[float] | None
-    initial_soc_sigma: float
+    initial_soc_sigma: float | None
+    health_feedback: HealthFeedback = "all"  # absent from checkpoints before it existed
     x: list[list[float]] | None
     p: list[list[float]] | None
     current_a: list[float] | None

@@ -509,16 +509,7 @@ class PackService:
         sigma = RESET_SIGMA
         if "sigma" in data:
             sigma = _scalar("sigma", data["sigma"], 1e-6, 0.5)
-        state = pack.est.state_dict()
-        state["initial_soc"] = soc.tolist()  # used if no sample came yet
-        state["initial_soc_sigma"] = sigma
-        if state["x"] is not None:
-            x, p = np.array(state["x"]), np.array(state["p"])
-            x[0] = soc
-            p[0] = sigma**2
-            p[1] = p[2] = 0.0  # the new SOC is not correlated with the RC voltages
-            state["x"], state["p"] = x.tolist(), p.tolist()
-        pack.rebuild(state)
+        pack.est.reset_soc(soc, sigma)
         return True, {"soc": rounded(soc, 6), "sigma": sigma}
 
     def _set_capacity(self, pack: _Pack, data: dict[str, Any]) -> tuple[bool, dict[str, Any]]:

@@ -219,6 +219,33 @@ def test_state_dict_round_trip_continues_identically(cell: CellModel) -> None:
     )
     assert fresh.state is None
     assert fresh.step(0.0, 0.0, [3.7, 3.7], 25.0).soc[0] != pytest.approx(0.3, abs=1e-12)
+    # an OCV start saved before its first sample keeps the slope-derived sigma, and the
+    # SOH feedback setting survives
+    v0 = cell.ocv(np.array([0.3, 0.9]), 25.0)
+    ocv = PackEstimator(cell, 2, health_feedback="capacity")
+    restored = PackEstimator.from_state_dict(cell, json.loads(json.dumps(ocv.state_dict())))
+    assert restored.health_feedback == "capacity"
+    np.testing.assert_array_equal(
+        restored.step(0.0, 0.0, v0, 25.0).soc_sigma, ocv.step(0.0, 0.0, v0, 25.0).soc_sigma
+    )
+
+
+def test_reset_soc_before_and_after_the_first_sample(cell: CellModel) -> None:
+    est = PackEstimator(cell, 2, noise=NOISE)
+    est.reset_soc([0.4, 0.6], 0.02)  # before any sample: the start
+    e = est.step(0.0, 0.0, cell.ocv(np.array([0.4, 0.6]), 25.0), 25.0)
+    np.testing.assert_allclose(e.soc, [0.4, 0.6], atol=2e-3)
+    assert np.all(e.soc_sigma < 0.02)  # the first sample updated it
+    est.reset_soc(0.8, 0.05)  # later: SOC and its sigma replaced, RC voltages kept
+    st = est.state
+    assert st is not None
+    np.testing.assert_array_equal(st.x[0], [0.8, 0.8])
+    np.testing.assert_array_equal(st.p[0], [0.05**2, 0.05**2])
+    np.testing.assert_array_equal(st.p[1:3], 0.0)
+    with pytest.raises(InputError, match=r"soc\[1\] = 1.2 is outside"):
+        est.reset_soc([0.5, 1.2], 0.05)
+    with pytest.raises(InputError, match="sigma must be > 0"):
+        est.reset_soc(0.5, 0.0)
 
 
 def test_bad_checkpoints_are_refused(cell: CellModel) -> None:
