@@ -404,11 +404,14 @@ class PackService:
 
     def _state_message(self, pack: _Pack, e: PackEstimate, tel: Telemetry, now: float) -> Outgoing:
         interval = self.config.estimator.sop_interval_s
-        if (
-            pack.sop_ts is None
-            or interval == 0
-            or (e.ts + pack.sop_phase) // interval != (pack.sop_ts + pack.sop_phase) // interval
-        ):
+        if interval == 0:
+            pack.sop, pack.sop_ts = self._sop(pack, e), e.ts
+        elif pack.sop_ts is None:
+            # the first SOP waits for the pack's own slot (sop null until then): on a cold
+            # start every pack's first message arrives on one tick, and SOPs for all of
+            # them back to back (~20 ms each) would stall the loop for seconds
+            pack.sop_ts = e.ts
+        elif (e.ts + pack.sop_phase) // interval != (pack.sop_ts + pack.sop_phase) // interval:
             pack.sop, pack.sop_ts = self._sop(pack, e), e.ts
         payload = encode_state(
             pack=pack.id,

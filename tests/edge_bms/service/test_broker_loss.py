@@ -123,20 +123,27 @@ async def test_buffer_bound_drops_oldest(broker: Mosquitto) -> None:
     config = config_for(sim, broker.url, buffer={"max_messages": 3})
     ticks = [tick[0] for tick in telemetry_ticks(sim, 8, dt=2.0)]
     local: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+    sub_id = f"sub-{prefix.split('/')[0]}"  # a persistent session: sees the whole flush
     async with running_service(config, local=_queue_source(local)) as (service, readies):
+        async with collecting(
+            broker.url, [f"{prefix}/+/state"], identifier=sub_id, persistent=True
+        ):
+            await _saved(broker, time.time())  # the subscriber's session is on disk
         broker.kill()
         await _until(lambda: service.counters["mqtt.disconnects"] >= 1, 5.0, "the loss")
         for t in ticks:
             await local.put(t)
         await _until(lambda: service.counters.get("buffer.dropped", 0) == 5, 5.0, "5 dropped")
         broker.start()
-        async with collecting(broker.url, [f"{prefix}/+/state"]) as col:
-            await _until(lambda: len(readies) == 2, 10.0, "the reconnection")
-            # the subscriber may have come after the flush: ask for what it saw or wait
+        await _until(lambda: len(readies) == 2, 10.0, "the reconnection")
+        async with collecting(
+            broker.url, [f"{prefix}/+/state"], identifier=sub_id, persistent=True
+        ) as col:
+            await col.wait_for(lambda c: len(c.on("/state")) >= 3, 10.0, "the kept states")
             await _until(lambda: service.counters["buffer.held"] == 0, 5.0, "the flush")
     assert service.counters["mqtt.published"] >= 3
-    seqs = [m.json()["seq"] for m in col.on("/state")]
-    assert all(s >= 5 for s in seqs)  # the newest 3 were kept (5, 6, 7)
+    seqs = sorted(m.json()["seq"] for m in col.on("/state"))
+    assert seqs == [5, 6, 7]  # the newest 3 were kept, the 5 oldest dropped
 
 
 async def _saved(broker: Mosquitto, after: float) -> None:

@@ -131,8 +131,8 @@ async def test_states_follow_contract_5() -> None:
         assert all(0.0 <= x <= 1.0 for x in s["soc"])
         assert all(x > 0 for x in s["soc_sigma"])
         assert min(s["soc"]) - 1e-6 <= s["pack_soc"] <= max(s["soc"]) + 1e-6
-        assert "sop" in s
-        assert "model" in s
+        assert s["sop"]["i_discharge_a"] > 0  # config_for: a SOP with every state
+        assert s["model"]["method"] == "ekf" and s["model"]["correction_used"] is False
     st = status.messages[0]
     assert st.retain
     assert st.topic == f"{prefix}/status/{config.instance}"
