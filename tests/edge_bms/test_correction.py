@@ -123,7 +123,10 @@ def test_onnx_matches_torch() -> None:
 
 def test_replay_uses_the_shipped_network_and_holds_missing_samples(tmp_path: Path) -> None:
     # 30 min of the held-out UDDS profile at 25 C (PyBaMM DFN + sensor model, with its
-    # own dropouts), started from a SOC 20 points wrong.
+    # own dropouts), given a SOC 20 points wrong with the default sigma 0.3: on the steep
+    # top of the OCV curve the first sample pulls it back to within 2 points at once.
+    # (On this head the plain filter is closer than the corrected one, 0.15 vs 0.41 %
+    # RMSE; the network's gain shows on the whole held-out set, scripts/bench_bms.py.)
     src_data = Path(__file__).parent / "data" / "udds_fresh_25C_head.csv"
     lines = src_data.read_text().splitlines()
     header = lines[0].split(",")
@@ -142,6 +145,7 @@ def test_replay_uses_the_shipped_network_and_holds_missing_samples(tmp_path: Pat
     )
     plain = np.genfromtxt(out, delimiter=",", names=True)
     assert plain["correction_used"].sum() == 0
+    assert abs(dl["soc"][0] - truth["soc_true"][0]) < 0.02  # the given start was 0.2 off
     ok = np.isfinite(truth["current_a"])
     err_dl = np.abs(dl["soc"] - truth["soc_true"])[ok][300:]
     err_plain = np.abs(plain["soc"] - truth["soc_true"])[ok][300:]

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import hardware_mocks.physics.cell as cm
 from hardware_mocks.packs import (
     RECHARGE,
     Fault,
@@ -137,6 +138,11 @@ def test_variation_seeded_and_reproducible() -> None:
     assert np.array_equal(a.telemetry()[0].payload["cell_v"], b.telemetry()[0].payload["cell_v"])
     sim = PackSimulator(seed=5, n_packs=1, n_cells=200, loads=["constant"], constant_c_rate=1.0,
                         initial_soc=(0.5, 0.5), soc_spread=0.0, capacity_spread=0.0)  # fmt: skip
+    # the factor is R0 itself over the design's R0 (not only correlated with it)
+    design = cm.resistances(cm.init_state(1, params=sim.params), sim.params)[0]
+    np.testing.assert_allclose(
+        cm.resistances(sim.state, sim.params)[0] / design, sim.resistance_factor.ravel(), rtol=1e-9
+    )
     ocv_v = sim.cell_v.copy()
     sim.advance(0.1)
     drop = (ocv_v - sim.cell_v)[0]
