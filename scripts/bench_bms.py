@@ -51,7 +51,6 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
-import itertools
 import json
 import math
 import platform
@@ -69,8 +68,7 @@ import numpy.typing as npt
 
 from edge_bms.cell import CellModel, Limits, load_cell
 from edge_bms.correction import VoltageCorrectionNet, try_load_correction
-from edge_bms.errors import CellModelError
-from edge_bms.estimator import CorrectionInputs, PackEstimator
+from edge_bms.estimator import PackEstimator
 from edge_bms.filters import EkfSettings, FilterNoise, FilterState, ekf_step
 from edge_bms.soh import SohEstimator
 from edge_bms.sop import NO_DERATING, power_limits
@@ -92,35 +90,6 @@ NOISE = FilterNoise(voltage_v=2e-3)
 
 
 # -- data ---------------------------------------------------------------------------------
-def bench_cell() -> tuple[CellModel, str]:
-    """The shipped LG M50 model, or (until it ships) a synthetic one on a grid of the
-    same kind (21 SOC x 5 temperatures); the cost depends on the grid, not the values."""
-    try:
-        return load_cell(), "shipped"
-    except CellModelError:
-        pass
-    soc = np.linspace(0.0, 1.0, 21)
-    temps = np.array([-10.0, 0.0, 10.0, 25.0, 40.0])
-    s, t = soc[None, :], temps[:, None]
-    ocv = 3.3 + 0.85 * s - 0.25 * np.exp(-s / 0.06) + 5e-4 * (t - 25.0)
-    cold = np.exp(0.025 * (25.0 - t))
-    ones = np.ones_like(ocv)
-    data = {
-        "name": "bench-synthetic",
-        "capacity_ah": 5.0,
-        "soc": soc.tolist(),
-        "temperature_c": temps.tolist(),
-        "ocv_v": ocv.tolist(),
-        "r0_ohm": (0.015 * cold * ones).tolist(),
-        "r1_ohm": (0.01 * cold * ones).tolist(),
-        "tau1_s": (10.0 * ones).tolist(),
-        "r2_ohm": (0.012 * cold * ones).tolist(),
-        "tau2_s": (200.0 * ones).tolist(),
-        "limits": {"v_min": 2.5, "v_max": 4.2, "i_discharge_max_a": 15, "i_charge_max_a": 7.5},
-    }
-    return CellModel.from_dict(data), "synthetic (lg-m50 not shipped yet)"
-
-
 @dataclass
 class Samples:
     t: np.ndarray  # [K]
@@ -274,89 +243,17 @@ def time_filterpy(cell: CellModel, data: Samples, seconds: float) -> float:
     return per_step_us(run, block, seconds)
 
 
-# -- the correction network in the loop ----------------------------------------------------
-class OnnxMlpCorrection:
-    """A VoltageCorrection running an MLP 6 -> 32 -> 32 -> 2 (dv, log var) in onnxruntime."""
-
-    def __init__(self, hidden: int = 32, seed: int = 0) -> None:
-        import onnx
-        import onnxruntime as ort  # type: ignore[import-untyped]
-        from onnx import TensorProto, helper, numpy_helper
-
-        rng = np.random.default_rng(seed)
-        sizes = [6, hidden, hidden, 2]
-        inits, nodes, last = [], [], "x"
-        for layer, (a, b) in enumerate(itertools.pairwise(sizes)):
-            w = (rng.normal(0, 1 / np.sqrt(a), (a, b))).astype(np.float32)
-            inits += [
-                numpy_helper.from_array(w, f"w{layer}"),
-                numpy_helper.from_array(np.zeros(b, np.float32), f"b{layer}"),
-            ]
-            nodes.append(helper.make_node("Gemm", [last, f"w{layer}", f"b{layer}"], [f"g{layer}"]))
-            last = f"g{layer}"
-            if layer < len(sizes) - 2:
-                nodes.append(helper.make_node("Tanh", [last], [f"t{layer}"]))
-                last = f"t{layer}"
-        graph = helper.make_graph(
-            nodes,
-            "mlp",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
-            [helper.make_tensor_value_info(last, TensorProto.FLOAT, ["n", 2])],
-            inits,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        onnx.checker.check_model(model)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
-        )
-        self.out = last
-        self.ema: np.ndarray | None = None
-
-    def features(self, inputs: CorrectionInputs) -> np.ndarray:
-        n = inputs.soc.size
-        if self.ema is None:
-            self.ema = np.zeros((n, 3))
-        alpha = -np.expm1(-inputs.dt_s / np.array([10.0, 60.0, 300.0]))
-        self.ema += alpha * (inputs.current_a[:, None] - self.ema)
-        x = np.empty((n, 6), dtype=np.float32)
-        x[:, 0] = inputs.soc
-        x[:, 1] = inputs.temp_c
-        x[:, 2] = inputs.current_a
-        x[:, 3:] = self.ema
-        return x
-
-    @dataclass(frozen=True)
-    class Out:
-        dv_v: np.ndarray
-        r_var_v2: np.ndarray
-        used: np.ndarray
-
-    def predict(self, features: np.ndarray) -> OnnxMlpCorrection.Out:
-        y = self.session.run([self.out], {"x": features})[0]
-        n = features.shape[0]
-        return self.Out(
-            1e-3 * y[:, 0].astype(np.float64), np.full(n, np.nan), np.ones(n, dtype=bool)
-        )
-
-
-# -- sections -----------------------------------------------------------------------------
 def section_cost(args: argparse.Namespace) -> None:
-    cell, origin = bench_cell()
-    try:
-        OnnxMlpCorrection()
-        have_onnx = True
-    except ImportError:  # onnx (to build the graph) is a dev dependency, not an edge one
-        have_onnx = False
+    cell = load_cell()
+    net, reason, msg = try_load_correction(args.correction)  # the shipped network
+    if net is None:
+        print(f"no correction network ({reason}: {msg}): EKF+onnx column omitted")
     cpu = platform.processor() or platform.machine()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"cost per pack step, us ({args.stat} of blocks; single thread; {cpu}, "
         f"{os.cpu_count()} cores, load {load}; numpy {np.__version__}); "
-        f"cell model: {cell.name}, {origin}"
+        f"cell model: {cell.name}; network: {net.source if net else 'none'}"
     )
     head = (
         f"{'cells':>6} {'EKF':>9} {'UKF':>9} {'ekf_step':>9} {'EKF+onnx':>9} "
@@ -368,9 +265,11 @@ def section_cost(args: argparse.Namespace) -> None:
         ekf = time_estimator(cell, data, "ekf", args.seconds)
         ukf = time_estimator(cell, data, "ukf", args.seconds)
         bare = time_ekf_step(cell, data, args.seconds)
+        if net is not None:
+            net.load_state_dict({"ema": None})  # the moving averages are sized per pack
         onnx_us = (
-            time_estimator(cell, data, "ekf", args.seconds, correction=OnnxMlpCorrection())
-            if have_onnx
+            time_estimator(cell, data, "ekf", args.seconds, correction=net)
+            if net is not None
             else float("nan")
         )
         peer = time_filterpy(cell, data, args.seconds)
