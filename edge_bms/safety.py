@@ -274,6 +274,9 @@ class SafetyMonitor:
             "current": self._as_group("current_a", current_a, "current"),
         }
         self.last_ts = ts
+        # the usual sample: every channel valid and inside its limits (min/max are NaN,
+        # so not "inside", when a channel is missing)
+        bounds = {g: (float(a.min()), float(a.max())) for g, a in values.items()}
         events: list[Alarm] = []
         for kind in KINDS:
             group, direction, _ = _KIND_SPEC[kind]
@@ -281,6 +284,13 @@ class SafetyMonitor:
             limit = self._signed_limit(kind)
             v = values[group]
             st = self._state[kind]
+            lo, hi = bounds[group]
+            inside = hi <= limit if direction > 0 else lo >= limit
+            if inside and not st.count.any() and not st.active.any():
+                # nothing pending, nothing active, nothing beyond: only the last value
+                # moves (count == 0 implies since is NaN; see below)
+                st.last = v.copy()
+                continue
             valid = np.isfinite(v)
             excess = direction * (v - limit)  # > 0: beyond the limit
             viol = valid & (excess > 0)
