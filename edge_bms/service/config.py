@@ -295,9 +295,6 @@ class ServiceConfig(_Model):
             raise ValueError("no [[packs]] and accept_unknown_packs is false: nothing to serve")
         return self
 
-    def pack(self, pack_id: str) -> PackConfig | None:
-        return next((p for p in self.packs if p.id == pack_id), None)
-
 
 # -- loading -------------------------------------------------------------------------------
 def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> ServiceConfig:

@@ -119,7 +119,6 @@ class _Pack:
         base = f"{service.config.prefix}/{self.id}"
         self.state_topic = f"{base}/state"
         self.alarms_topic = f"{base}/alarms"
-        self.errors_topic = f"{base}/errors"
         self.ack_topic = f"{base}/cmd_ack"
 
     def _estimator(self, initial_soc: float | None) -> PackEstimator:

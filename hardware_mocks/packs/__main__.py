@@ -117,8 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.truth:
-        path = sim.truth().save(args.truth)
-        print(f"[packs] ground truth: {path} ({sim.truth().n_steps} steps)", file=sys.stderr)
+        truth = sim.truth()
+        path = truth.save(args.truth)
+        print(f"[packs] ground truth: {path} ({truth.n_steps} steps)", file=sys.stderr)
     return 0 if stats is not None else 1
 
 

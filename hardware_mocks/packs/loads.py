@@ -125,9 +125,9 @@ class LoadTable:
         i0 = np.floor(pos).astype(np.int64)
         frac = pos - i0
         i1 = np.where(i0 + 1 >= length, 0, i0 + 1)
-        rows = self.table[self.profile]
-        n = np.arange(rows.shape[0])
-        return np.asarray(rows[n, i0] * (1.0 - frac) + rows[n, i1] * frac)
+        # index the table directly: table[profile] would copy [packs, length] per call
+        p = self.profile
+        return np.asarray(self.table[p, i0] * (1.0 - frac) + self.table[p, i1] * frac)
 
 
 def build_loads(

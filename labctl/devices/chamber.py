@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -127,7 +128,7 @@ class TemperatureChamber(SerialInstrument):
         super().__init__(url, name, timeout=timeout, baudrate=baudrate)
         self._io_lock = asyncio.Lock()
         self._resync_needed = False
-        self._sync_token = 1
+        self._sync_tokens = itertools.cycle(chamber.SYNC_TOKENS)  # never the last one again
         self._move: _Move | None = None  # the pending or running move, if any
 
     # -- SCPI exchanges ---------------------------------------------------------------------
@@ -180,9 +181,8 @@ class TemperatureChamber(SerialInstrument):
         With ``clear``, ``*CLS`` goes first: errors still queued belong to commands that
         have already been reported as failed, and must not fail the next one.
         """
-        self._sync_token = (self._sync_token - 1) % 254 + 2  # 2..255, never the last one again
-        payload = chamber.sync_query(self._sync_token, clear=clear)
-        await self._query(payload, chamber.sync_complete(self._sync_token))
+        token = next(self._sync_tokens)
+        await self._query(chamber.sync_query(token, clear=clear), chamber.sync_complete(token))
         self._resync_needed = False
 
     async def _exchange(self, payload: bytes) -> bytes:
