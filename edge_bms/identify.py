@@ -267,8 +267,11 @@ def read_series(path: str | Path) -> Series:
         row = int(np.argmax(back)) + 2
         raise IdentificationError(f"{p}: time_s goes backwards at data row {row}")
     filled = {}
+    v_valid = np.ones(t.size, dtype=bool)
     for k, name in enumerate(REQUIRED[1:], start=1):
         bad = ~np.isfinite(data[:, k])
+        if name == "voltage_v":
+            v_valid = ~bad  # the fit weighs interpolated voltages out
         if bad.sum() > MAX_MISSING * bad.size:
             raise IdentificationError(
                 f"{p}: column {name} has {int(bad.sum())} non-finite value(s) (more than "
@@ -277,9 +280,6 @@ def read_series(path: str | Path) -> Series:
         if bad.any():
             data[bad, k] = np.interp(t[bad], t[~bad], data[~bad, k])
             filled[name] = int(bad.sum())
-    v_valid = np.ones(t.size, dtype=bool)
-    if "voltage_v" in filled:
-        v_valid = np.isfinite(np.loadtxt(p, delimiter=",", skiprows=1, usecols=use[2]))
     meta = _sidecar(p)
     if filled:
         meta = {**meta, "_filled": filled}
