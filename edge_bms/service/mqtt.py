@@ -178,7 +178,6 @@ class _Runner:
         self.ready = ready
         self.buffer = OutBuffer(config.buffer.max_messages)
         self.wake = asyncio.Event()
-        self.connected = False
         self.counters = service.counters
         for k in ("mqtt.connects", "mqtt.disconnects", "mqtt.published", "internal_errors"):
             self.counters.setdefault(k, 0)
@@ -191,8 +190,6 @@ class _Runner:
             self.counters["internal_errors"] += 1
             log.exception("handling a message on %s failed", topic)
             return
-        if not self.connected:
-            out = [_at_least(o, 1) for o in out]
         self.buffer.extend(out)
         self._count_buffer()
         self.wake.set()
@@ -230,9 +227,9 @@ class _Runner:
                 return_exceptions=True,
             )
         except asyncio.CancelledError:
-            self.buffer.requeue([_at_least(o, 1) for o in batch])
+            self.buffer.requeue(batch)
             raise
-        failed = [_at_least(o, 1) for o, r in zip(batch, results, strict=True) if r is not None]
+        failed = [o for o, r in zip(batch, results, strict=True) if r is not None]
         self.counters["mqtt.published"] += len(batch) - len(failed)
         self.buffer.requeue(failed)
         self._count_buffer()
@@ -254,8 +251,9 @@ class _Runner:
     async def session(self, client: aiomqtt.Client) -> bool:
         """One connection's life; True when it ended because ``stop`` was set."""
         async with client:
-            self.connected = True
             self.counters["mqtt.connects"] += 1
+            # what waited for this connection goes out at QoS 1 (the one place that
+            # upgrades: whatever was held or requeued passes through here)
             self.buffer.upgrade_qos(1)
             log.info(
                 "connected to %s (%d messages buffered)", self.config.broker.url, len(self.buffer)
@@ -284,7 +282,6 @@ class _Runner:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-            self.connected = False
             if self.stop.is_set():
                 with contextlib.suppress(aiomqtt.MqttError):
                     await client.publish(
@@ -313,7 +310,6 @@ class _Runner:
                     if await self.session(client):
                         break
                 except aiomqtt.MqttError as exc:
-                    self.connected = False
                     self.counters["mqtt.disconnects"] += 1
                     log.warning("broker %s: %s", b.url, exc)
                 # A connection that lasted is a fresh start for the backoff.

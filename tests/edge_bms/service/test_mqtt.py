@@ -44,7 +44,7 @@ def test_out_buffer_drops_oldest_and_counts() -> None:
     assert not buf
 
 
-def test_out_buffer_requeue_keeps_order_and_upgrades_qos() -> None:
+def test_out_buffer_requeue_keeps_order_and_upgrade_qos_raises_all() -> None:
     buf = OutBuffer(10)
     buf.extend(_out(k) for k in range(4))
     first = buf.take(2)
