@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU wheel on this machine's disk. Anything that
 	# later depends on torch then finds it satisfied instead of pulling a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[lab,edge,sim,models,bms-truth,dev]'
+	$(PY) -m pip install -q -e '.[lab,edge,sim,sim-peers,models,bms-truth,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
