@@ -197,6 +197,34 @@ class CellModel:
         return p
 
     # -- lookup ---------------------------------------------------------------------
+    @cached_property
+    def _soc_bins(self) -> tuple[float, npt.NDArray[np.intp]] | None:
+        """(h, segment of each bin) when every SOC grid point is a multiple of ``h`` (the
+        smallest spacing): a bin of width h then lies in one segment, and the segment of a
+        SOC is a table read instead of a binary search (SOP looks up ~10^4 points a call)."""
+        g = self.soc
+        h = float(np.min(np.diff(g)))
+        k = (g - g[0]) / h
+        if h <= 0 or k[-1] > 100_000 or not np.allclose(k, np.round(k), atol=1e-6):
+            return None
+        mids = g[0] + (np.arange(round(float(k[-1]))) + 0.5) * h
+        seg = np.clip(np.searchsorted(g, mids, side="right") - 1, 0, g.size - 2)
+        return h, seg.astype(np.intp)
+
+    def soc_segment(self, soc_clipped: FloatArray) -> npt.NDArray[np.intp]:
+        """Index i of the SOC grid segment [soc[i], soc[i+1]] holding each (clipped) SOC."""
+        bins = self._soc_bins
+        g = self.soc
+        if bins is None:
+            i: npt.NDArray[np.intp] = np.clip(
+                np.searchsorted(g, soc_clipped, side="right") - 1, 0, g.size - 2
+            )
+            return i
+        h, seg = bins
+        b = ((soc_clipped - g[0]) * (1.0 / h)).astype(np.intp)
+        out: npt.NDArray[np.intp] = seg[np.clip(b, 0, seg.size - 1)]
+        return out
+
     def lookup(self, soc: npt.ArrayLike, temperature_c: npt.ArrayLike) -> Params:
         """Parameters at each (soc, temperature) pair, bilinear, clamped to the grid.
 
@@ -208,7 +236,7 @@ class CellModel:
         s, t = np.broadcast_arrays(s, t)
         gs, gt = self.soc, self.temperature_c
         sc = np.clip(s, gs[0], gs[-1])
-        i = np.clip(np.searchsorted(gs, sc, side="right") - 1, 0, gs.size - 2)
+        i = self.soc_segment(sc)
         ds = gs[i + 1] - gs[i]
         ws = (sc - gs[i]) / ds
         if gt.size == 1:
@@ -318,19 +346,48 @@ class CellModel:
         ocv: FloatArray = self.lookup(soc, temperature_c).ocv
         return ocv
 
+    def rows_at(self, temperature_c: FloatArray, column: int | None = None) -> FloatArray:
+        """Every table column over the SOC grid at each temperature: [m, n_soc, 6] for
+        ``temperature_c`` [m] (linear in T, clamped), or one column: [m, n_soc].
+        Interpolating in T once and then only along SOC gives the same bilinear values
+        as :meth:`lookup`."""
+        t = np.asarray(temperature_c, dtype=float).reshape(-1)
+        tab = self.tables if column is None else self.tables[..., column]
+        gt = self.temperature_c
+        if gt.size == 1:
+            return np.broadcast_to(tab[0], (t.size, *tab.shape[1:])).copy()
+        tc = np.clip(t, gt[0], gt[-1])
+        j = np.clip(np.searchsorted(gt, tc, side="right") - 1, 0, gt.size - 2)
+        w = ((tc - gt[j]) / (gt[j + 1] - gt[j])).reshape(-1, *([1] * (tab.ndim - 1)))
+        rows: FloatArray = tab[j] * (1 - w) + tab[j + 1] * w
+        return rows
+
     def soc_from_ocv(self, voltage: npt.ArrayLike, temperature_c: npt.ArrayLike) -> FloatArray:
-        """Invert OCV(soc, T) per cell (bisection, vectorised): a rested cell's SOC."""
+        """Invert OCV(soc, T) per cell (vectorised): a rested cell's SOC, clamped to the
+        grid. The OCV at a cell's temperature is piecewise linear in SOC, so where it
+        rises strictly (every shipped cell) the inverse is exact: the segment holding the
+        voltage, then a linear step; otherwise bisection."""
         v = np.asarray(voltage, dtype=float)
         t = np.asarray(temperature_c, dtype=float)
         v, t = np.broadcast_arrays(v, t)
-        lo = np.full(v.shape, float(self.soc[0]))
-        hi = np.full(v.shape, float(self.soc[-1]))
+        rows = self.rows_at(t.reshape(-1), column=0)
+        if np.all(np.diff(rows, axis=1) > 0):
+            g = self.soc
+            vv = v.reshape(-1)
+            k = np.clip((rows <= vv[:, None]).sum(axis=1) - 1, 0, g.size - 2)
+            at = np.arange(vv.size)
+            lo, hi = rows[at, k], rows[at, k + 1]
+            w = np.clip((vv - lo) / (hi - lo), 0.0, 1.0)
+            exact: FloatArray = (g[k] + w * (g[k + 1] - g[k])).reshape(v.shape)
+            return exact
+        lo_s = np.full(v.shape, float(self.soc[0]))
+        hi_s = np.full(v.shape, float(self.soc[-1]))
         for _ in range(40):  # 2**-40: far below any sensor's resolution
-            mid = 0.5 * (lo + hi)
+            mid = 0.5 * (lo_s + hi_s)
             above = self.ocv(mid, t) > v
-            hi = np.where(above, mid, hi)
-            lo = np.where(above, lo, mid)
-        soc: FloatArray = 0.5 * (lo + hi)
+            hi_s = np.where(above, mid, hi_s)
+            lo_s = np.where(above, lo_s, mid)
+        soc: FloatArray = 0.5 * (lo_s + hi_s)
         return soc
 
     def with_capacity(self, capacity_ah: float) -> CellModel:

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_bms_mqtt.py [--broker mqtt://127.0.0.1:1883]
         [--packs 100] [--cells 96 200] [--rates 1 2] [--seconds 20] [--correction default]
+        [--phases spread synced] [--warmup 3]
 
 For each pack size and telemetry rate: simulated packs (``hardware_mocks.packs``) publish
 contract-5 telemetry at QoS 1; ``edge-bms run`` runs as its own process; one subscriber
@@ -11,6 +12,12 @@ of the state with that (pack, seq); the pass-through column is the same for the
 telemetry message itself. CPU is the service process's user + system time (from /proc)
 per 1,000 cell-updates. Last, the broker's plain pass-through *rate* for messages of the
 same size (publish as fast as we can at QoS 0, count what arrives).
+
+Phases: ``spread`` offsets pack j's clock by j/packs of a period (packs with their own
+BMS clocks, the usual fleet); ``synced`` puts every pack on the same tick (one master
+polling all packs at once), the worst case for a serial handler: the last pack of a
+burst waits for all the others. The first ``--warmup`` seconds (every pack's cold start)
+are kept out of p50/p99 and shown as "cold p99".
 
 Target (issue 6): at least 20,000 cell-updates/s (100 packs x 200 cells at 1 Hz) with
 p99 under 50 ms on this 2-core machine.
@@ -40,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)  # as the service's own client
 SEQ = re.compile(rb'"seq":\s*(\d+)')
+PHASES = {"spread": "spread", "synced": "one tick"}
 
 
 def cpu_s(pid: int) -> float:
@@ -81,7 +89,7 @@ async def wait_online(host: str, port: int, prefix: str, timeout: float = 30.0) 
                     return
 
 
-async def one_case(args: Any, n_cells: int, rate: float) -> dict[str, float]:
+async def one_case(args: Any, n_cells: int, rate: float, phase: str) -> dict[str, Any]:
     host, port = args.host, args.port
     prefix = f"bench/{uuid.uuid4().hex[:8]}"
     sim = PackSimulator(
@@ -138,8 +146,12 @@ async def one_case(args: Any, n_cells: int, rate: float) -> dict[str, float]:
                     await asyncio.sleep(delay)
                 if k:
                     sim.advance(1.0 / rate)
-                for msg in sim.telemetry():
+                for j, msg in enumerate(sim.telemetry()):
                     body = msg.json()  # encoded before the clock starts for it
+                    if phase == "spread":  # pack j's clock is offset by j / packs of a period
+                        delay = target + j / (rate * args.packs) - time.perf_counter()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
                     sent[(msg.pack_id, int(msg.payload["seq"]))] = time.perf_counter()
                     await pub.publish(msg.topic, body, qos=1)
             wall = max(time.perf_counter() - t0, ticks / rate)
@@ -155,17 +167,24 @@ async def one_case(args: Any, n_cells: int, rate: float) -> dict[str, float]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-    lat = np.array([got_state[k] - t for k, t in sent.items() if k in got_state]) * 1e3
+    # The first seconds are a cold start (every pack's first sample: OCV initialisation,
+    # first SOP slots): reported apart, the percentiles are of the steady state after it.
+    warm = t0 + args.warmup
+    lat_all = {k: got_state[k] - t for k, t in sent.items() if k in got_state}
+    lat = np.array([v for k, v in lat_all.items() if sent[k] >= warm]) * 1e3
+    cold = np.array([v for k, v in lat_all.items() if sent[k] < warm]) * 1e3
     plat = np.array([got_tel[k] - t for k, t in sent.items() if k in got_tel]) * 1e3
-    states = len(lat)
+    states = len(lat_all)
     return {
         "cells": n_cells,
         "rate_hz": rate,
+        "phase": phase,
         "offered_cell_updates_s": args.packs * n_cells * rate,
         "delivered": states / max(len(sent), 1),
         "cell_updates_s": states * n_cells / wall,
-        "p50_ms": float(np.percentile(lat, 50)) if states else float("nan"),
-        "p99_ms": float(np.percentile(lat, 99)) if states else float("nan"),
+        "p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
+        "cold_p99_ms": float(np.percentile(cold, 99)) if cold.size else float("nan"),
         "pass_p50_ms": float(np.percentile(plat, 50)) if plat.size else float("nan"),
         "pass_p99_ms": float(np.percentile(plat, 99)) if plat.size else float("nan"),
         "cpu_ms_per_1k": 1e3 * cpu / max(states * n_cells / 1e3, 1e-9),
@@ -206,25 +225,30 @@ async def main_async(args: Any) -> None:
     print(
         f"edge-bms run through {args.host}:{args.port}: {args.packs} packs, QoS 1, "
         f"correction {args.correction}, SOP every {args.sop_interval:g} s, "
-        f"{args.seconds:g} s per case"
+        f"{args.seconds:g} s per case; p50/p99 after a {args.warmup:g} s cold start"
     )
     head = (
-        f"{'cells':>5} {'Hz':>4} {'offered/s':>10} {'achieved/s':>10} {'deliv':>6} "
-        f"{'p50 ms':>7} {'p99 ms':>7} {'pass p50':>8} {'pass p99':>8} {'CPU ms/1k':>9}"
+        f"{'cells':>5} {'Hz':>4} {'packs on':>8} {'offered/s':>10} {'achieved/s':>10} {'deliv':>6} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'cold p99':>8} {'pass p50':>8} {'pass p99':>8} "
+        f"{'CPU ms/1k':>9}"
     )
     print(head)
     rows = []
     for cells in args.cells:
         for rate in args.rates:
-            r = await one_case(args, cells, rate)
-            rows.append(r)
-            print(
-                f"{cells:>5} {rate:>4g} {r['offered_cell_updates_s']:>10.0f} "
-                f"{r['cell_updates_s']:>10.0f} "
-                f"{r['delivered']:>6.3f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
-                f"{r['pass_p50_ms']:>8.1f} {r['pass_p99_ms']:>8.1f} {r['cpu_ms_per_1k']:>9.2f}",
-                flush=True,
-            )
+            for phase in args.phases:
+                r = await one_case(args, cells, rate, phase)
+                rows.append(r)
+                print(
+                    f"{cells:>5} {rate:>4g} {PHASES[phase]:>8} "
+                    f"{r['offered_cell_updates_s']:>10.0f} "
+                    f"{r['cell_updates_s']:>10.0f} "
+                    f"{r['delivered']:>6.3f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
+                    f"{r['cold_p99_ms']:>8.0f} "
+                    f"{r['pass_p50_ms']:>8.1f} {r['pass_p99_ms']:>8.1f} "
+                    f"{r['cpu_ms_per_1k']:>9.2f}",
+                    flush=True,
+                )
     for cells in args.cells:
         size = next(r["payload_bytes"] for r in rows if r["cells"] == cells)
         rate = await pass_through_rate(args, int(size))
@@ -232,16 +256,23 @@ async def main_async(args: Any) -> None:
             f"broker pass-through alone, {size} B messages ({cells} cells): {rate:,.0f} msg/s "
             f"= {rate * cells:,.0f} cell-updates/s"
         )
-    ok = [r for r in rows if r["delivered"] >= 0.999 and r["p99_ms"] < 50]
-    best = max(ok, key=lambda r: r["cell_updates_s"], default=None)
-    if best is None:
-        print("target (>= 20,000 cell-updates/s with p99 < 50 ms): MISS, no case met p99 < 50 ms")
-    else:
-        verdict = "PASS" if best["cell_updates_s"] >= 20_000 else "MISS"
-        print(
-            f"highest sustained with p99 < 50 ms: {best['cell_updates_s']:,.0f} cell-updates/s "
-            f"({best['cells']} cells at {best['rate_hz']:g} Hz): {verdict} (target 20,000)"
-        )
+    for phase in args.phases:
+        ok = [
+            r for r in rows if r["phase"] == phase and r["delivered"] >= 0.999 and r["p99_ms"] < 50
+        ]
+        best = max(ok, key=lambda r: r["cell_updates_s"], default=None)
+        if best is None:
+            print(
+                f"packs {PHASES[phase]}: target (>= 20,000 cell-updates/s with p99 < 50 ms): "
+                "MISS, no case met p99 < 50 ms"
+            )
+        else:
+            verdict = "PASS" if best["cell_updates_s"] >= 20_000 else "MISS"
+            print(
+                f"packs {PHASES[phase]}: highest sustained with p99 < 50 ms: "
+                f"{best['cell_updates_s']:,.0f} cell-updates/s ({best['cells']} cells at "
+                f"{best['rate_hz']:g} Hz): {verdict} (target 20,000)"
+            )
 
 
 def main() -> None:
@@ -253,6 +284,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--correction", default="default")
     parser.add_argument("--sop-interval", type=float, default=10.0)
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=3.0,
+        help="seconds of cold start (first samples of every pack) kept out of p50/p99; "
+        "their p99 is the 'cold p99' column",
+    )
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        choices=sorted(PHASES),
+        default=["spread", "synced"],
+        help="spread: each pack's clock offset by 1/packs of a period (independent BMS "
+        "clocks); synced: every pack on the same tick (one master polling all: the worst case)",
+    )
     args = parser.parse_args()
     hostport = args.broker.split("://", 1)[-1]
     args.host, _, port = hostport.partition(":")

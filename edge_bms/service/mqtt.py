@@ -35,9 +35,9 @@ from edge_bms.service.core import Outgoing, PackService
 
 log = logging.getLogger("edge_bms.service")
 
-# Publishes in flight at once: QoS 1 waits for PUBACK, so publishing one by one would
-# cap throughput at one round trip per message.
-PUBLISH_BATCH = 256
+# Publishes awaiting their PUBACK at once: QoS 1 waits for the acknowledgement, so
+# publishing one by one would cap throughput at one round trip per message.
+PUBLISH_WINDOW = 256
 # paho leaves Nagle on: a small PUBLISH behind an unacknowledged one then waits for the
 # peer's delayed ACK (~40 ms on Linux), which was most of a state's latency.
 NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
@@ -138,7 +138,7 @@ def make_client(config: ServiceConfig, service: PackService) -> aiomqtt.Client:
         clean_start=True if shared else MQTT_CLEAN_START_FIRST_ONLY,  # 3.1.1: must be default
         keepalive=b.keepalive_s,
         tls_context=_tls_context(b) if b.use_tls else None,
-        max_inflight_messages=PUBLISH_BATCH,
+        max_inflight_messages=PUBLISH_WINDOW,
         socket_options=NO_DELAY,
     )
 
@@ -203,39 +203,84 @@ class _Runner:
             p = message.payload
             payload = bytes(p) if isinstance(p, bytes | bytearray) else str(p or "").encode()
             self.route(message.topic.value, payload)
+            # Let the publisher send this state before the next message is handled: when
+            # many packs report on one tick, the states would otherwise leave only after
+            # the whole burst (the iterator does not yield while messages are queued).
+            await asyncio.sleep(0)
 
     async def local(self, source: AsyncIterable[tuple[str, bytes]]) -> None:
         async for topic, payload in source:
             self.route(topic, payload)
+            await asyncio.sleep(0)
 
     # ----------------------------------------------------------------- messages out
     async def publish(self, client: aiomqtt.Client) -> None:
-        """Drain the buffer while connected; once ``stop`` is set, return when empty."""
-        while True:
-            if not self.buffer:
-                if self.stop.is_set():
-                    return
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            await self._publish_batch(client, self.buffer.take(PUBLISH_BATCH))
+        """Drain the buffer while connected; once ``stop`` is set, return when empty.
 
-    async def _publish_batch(self, client: aiomqtt.Client, batch: list[Outgoing]) -> None:
+        Pipelined: a message goes out as soon as it is produced, with up to
+        ``PUBLISH_WINDOW`` QoS 1 publishes awaiting their PUBACK at once. (Publishing in
+        batches and waiting for a batch's acknowledgements before the next held every
+        state behind the previous batch's round trip through a busy event loop: 16 ms
+        median, 94 ms p99 at 100 packs.) A failed publish ends the connection; what
+        was not acknowledged goes back to the front of the buffer in its order.
+        """
+        window = asyncio.Semaphore(PUBLISH_WINDOW)
+        inflight: set[asyncio.Task[None]] = set()
+        unsent: list[Outgoing] = []
+        failures: list[BaseException] = []
         try:
-            results = await asyncio.gather(
-                *(client.publish(o.topic, o.payload, qos=o.qos, retain=o.retain) for o in batch),
-                return_exceptions=True,
-            )
-        except asyncio.CancelledError:
-            self.buffer.requeue(batch)
-            raise
-        failed = [o for o, r in zip(batch, results, strict=True) if r is not None]
-        self.counters["mqtt.published"] += len(batch) - len(failed)
-        self.buffer.requeue(failed)
-        self._count_buffer()
-        if failed:
-            err = next(r for r in results if r is not None)
+            while not failures:
+                if not self.buffer:
+                    if self.stop.is_set() and not inflight:
+                        return
+                    self.wake.clear()
+                    if self.stop.is_set():
+                        await asyncio.wait(inflight)
+                    else:
+                        await self.wake.wait()
+                    continue
+                await window.acquire()
+                if failures or not self.buffer:  # changed while waiting for the window
+                    window.release()
+                    continue
+                (item,) = self.buffer.take(1)
+                task = asyncio.create_task(
+                    self._publish_one(client, item, window, unsent, failures)
+                )
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+            err = failures[0]
             raise aiomqtt.MqttError(f"publish failed: {err}") from err
+        finally:
+            for t in inflight:
+                t.cancel()
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
+            self.buffer.requeue(sorted(unsent, key=lambda o: o.ts))
+            self._count_buffer()
+
+    async def _publish_one(
+        self,
+        client: aiomqtt.Client,
+        o: Outgoing,
+        window: asyncio.Semaphore,
+        unsent: list[Outgoing],
+        failures: list[BaseException],
+    ) -> None:
+        try:
+            await client.publish(o.topic, o.payload, qos=o.qos, retain=o.retain)
+        except asyncio.CancelledError:
+            unsent.append(o)
+            raise
+        except Exception as exc:  # the connection is gone: the session ends
+            unsent.append(o)
+            failures.append(exc)
+            self.wake.set()
+        else:
+            self.counters["mqtt.published"] += 1
+        finally:
+            window.release()
+            self._count_buffer()
 
     async def checkpoints(self) -> None:
         period = max(0.05, min(1.0, self.config.checkpoint.interval_s / 4))

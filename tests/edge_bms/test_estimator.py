@@ -118,6 +118,19 @@ def test_constructor_checks(cell: CellModel) -> None:
 
 
 # -- initialisation, dropouts, pack SOC -----------------------------------------------
+def test_soc_from_ocv_inverts_the_ocv_and_clamps_outside(cell: CellModel) -> None:
+    """The exact inverse (segment search) against the OCV itself, at temperatures on and
+    between the grid's, and below/above the OCV range (clamped to the grid's ends)."""
+    rng = np.random.default_rng(7)
+    soc = rng.uniform(cell.soc[0], cell.soc[-1], 500)
+    temp = rng.uniform(-15.0, 45.0, 500)
+    back = cell.soc_from_ocv(cell.ocv(soc, temp), temp)
+    np.testing.assert_allclose(back, soc, atol=1e-12)
+    lo, hi = cell.soc_from_ocv([1.0, 9.0], 25.0)
+    assert (lo, hi) == (cell.soc[0], cell.soc[-1])
+    assert cell.soc_from_ocv(np.full((2, 3), 3.7), 25.0).shape == (2, 3)
+
+
 def test_initial_soc_from_ocv_of_the_first_sample(cell: CellModel) -> None:
     """A cell at rest reads its OCV: SOC from the first sample, sigma the stated prior,
     used once (no update with the same sample); a missing voltage gets the wide prior."""
