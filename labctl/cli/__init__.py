@@ -13,6 +13,7 @@ from labctl.cli.models import models
 from labctl.cli.plans import plans
 from labctl.cli.queue import queue
 from labctl.cli.runs import runs
+from labctl.cli.sim import sim
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
@@ -23,6 +24,7 @@ app.add_typer(models, name="models")
 app.add_typer(plans, name="plans")
 app.add_typer(queue, name="queue")
 app.add_typer(runs, name="runs")
+app.add_typer(sim, name="sim")
 
 
 @app.command("demo")
