@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint types imports unit bench bench-campaign bench-bms bms-data train-bms cell-model bms-demo bench-bms-mqtt clean
+.PHONY: install demo test lint types imports unit bench bench-campaign bench-bms bms-data train-bms cell-model bms-demo bench-bms-mqtt mock-cell-model bench-md clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,15 @@ bench-bms-mqtt: install
 # The cell model fed from cycling on the simulated lab (~4 min).
 cell-model: install
 	$(PY) scripts/cell_model_from_lab.py
+
+# The edge_bms cell model of the simulated lab's cell: characterization on the mock cell's
+# physics, then edge-bms identify (writes edge_bms/data/cells/labctl-sim-5ah.json).
+mock-cell-model: install
+	$(PY) scripts/characterize_mock_cell.py
+
+# sim_backend's batched MD against ASE's own MD and TorchSim, same model and box (~2 min).
+bench-md: install
+	$(PY) scripts/bench_md.py --quick
 
 # BO vs random vs BO with the property model as prior, 3 landscapes x 10 seeds (~20 min).
 bench-campaign: install

@@ -9,9 +9,16 @@ import tomllib
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from hardware_mocks.physics.materials import SOLVENTS
 from hardware_mocks.world import ElectrolyteModel
@@ -66,6 +73,44 @@ class InstrumentConfig(BaseModel):
         if v not in SIMULATORS:
             raise ValueError(f"unknown instrument kind {v!r}; known: {sorted(SIMULATORS)}")
         return v
+
+
+_TOPIC_LEVEL = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _broker_url(v: str) -> str:
+    from hardware_mocks.packs.publisher import parse_broker_url
+
+    parse_broker_url(v)  # raises ValueError naming what is wrong
+    return v
+
+
+def _topic_prefix(v: str) -> str:
+    if not all(_TOPIC_LEVEL.match(level) for level in v.split("/")):
+        raise ValueError(
+            f"must be topic levels of letters, digits, '_', '.', '-' joined by '/' "
+            f"(no wildcards, no empty level), got {v!r}"
+        )
+    return v
+
+
+# The cycler's telemetry options, as annotations the lab's option check validates (so a
+# bad value in lab.toml is reported as `options.telemetry_url = ...: <why>`).
+BrokerUrlOption = Annotated[str, AfterValidator(_broker_url)]
+TopicPrefixOption = Annotated[str, AfterValidator(_topic_prefix)]
+PeriodOption = Annotated[float, Field(gt=0.0, le=86400.0, allow_inf_nan=False)]
+
+
+class CyclerTelemetryConfig(BaseModel):
+    """The cycler's optional MQTT telemetry (its options ``telemetry_url``,
+    ``telemetry_prefix``, ``telemetry_period_s``): contract-5 telemetry of every channel
+    that has a cell on ``<prefix>/<name>-ch<N>/telemetry`` and the simulator's ground truth
+    on ``sim/v1/<name>-ch<N>/truth``, one sample per ``period_s`` of lab time."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: BrokerUrlOption | None = None  # None: off
+    prefix: TopicPrefixOption = "bms/v1"
+    period_s: PeriodOption = 30.0
 
 
 class LabConfig(BaseModel):

@@ -125,7 +125,9 @@ def demo_config(port: int, packs: int, cells: int) -> ServiceConfig:
     )
 
 
-async def _start_broker(port: int) -> Any:
+async def start_broker(port: int) -> Any:
+    """An amqtt broker on 127.0.0.1:``port``, anonymous, started (the caller shuts it
+    down); for demos and tests, not a production broker."""
     from amqtt.broker import Broker  # only the demo needs a broker of its own
 
     broker = Broker(
@@ -258,7 +260,7 @@ async def demo(
     stop = stop or asyncio.Event()
     config = demo_config(port, packs, cells)
     table = PackTable([p.id for p in config.packs])
-    broker = await _start_broker(port)
+    broker = await start_broker(port)
     sim = None
     tasks: list[asyncio.Task[Any]] = []
     try:

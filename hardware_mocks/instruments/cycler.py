@@ -104,21 +104,38 @@ run to run). Options ``fade_per_efc`` and ``resistance_growth_per_efc`` set the
 design's ageing rates; ``ageing_spread`` and ``capacity_spread`` (default 0: identical
 cells) give each channel's cell its own ageing-rate and fresh-capacity factor, drawn
 from ``seed`` (:func:`hardware_mocks.physics.cell.cell_variation`).
+
+Telemetry (optional, off by default): with ``telemetry_url`` every channel whose cell has
+been started publishes, each ``telemetry_period_s`` of lab time, contract-5 telemetry
+(``<telemetry_prefix>/<name>-ch<N>/telemetry``, measured values, discharge positive, ``ts``
+= lab time as epoch seconds) and the ground truth (``sim/v1/<name>-ch<N>/truth``: SOC and
+present capacity), through :class:`hardware_mocks.telemetry.TelemetryPublisher` in this
+simulator's event loop; a missing broker never holds up the SCPI side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from pydantic import ValidationError
 
+from hardware_mocks.config import (
+    BrokerUrlOption,
+    CyclerTelemetryConfig,
+    PeriodOption,
+    TopicPrefixOption,
+)
 from hardware_mocks.physics import cell as cm
 from hardware_mocks.server import Simulator
+from hardware_mocks.telemetry import TelemetryPublisher
 from hardware_mocks.world import LabWorld
 
 MAX_SEQUENCES = 1000
@@ -130,6 +147,8 @@ _SLICE_CALLS = 100  # physics steps (~0.2 ms each) between yields to the event l
 MAX_DURATION_S = 1.0e7
 NAN_REPLY = "9.91E+37"
 _CELL_STREAM = 0xCE11  # seeds the per-cell variation apart from the measurement noise
+_TELEMETRY_STREAM = 0x7E1E  # the telemetry's own noise: SCPI readings stay as they were
+TRUTH_PREFIX = "sim/v1"
 
 STATE_IDLE, STATE_RUNNING = "IDLE", "RUNNING"
 RESULT_NONE, RESULT_RUNNING, RESULT_OK, RESULT_FAIL, RESULT_ABORTED = 0, 1, 2, 3, 4
@@ -337,8 +356,20 @@ class CyclerSimulator(Simulator):
         capacity_spread: float = 0.0,
         noise_v: float = 1.0e-4,
         noise_a: float = 2.0e-4,
+        telemetry_url: BrokerUrlOption | None = None,
+        telemetry_prefix: TopicPrefixOption = "bms/v1",
+        telemetry_period_s: PeriodOption = 30.0,
     ) -> None:
         super().__init__(name, world, seed=seed, latency_s=latency_s)
+        try:
+            self.telemetry_config = CyclerTelemetryConfig(
+                url=telemetry_url, prefix=telemetry_prefix, period_s=telemetry_period_s
+            )
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(
+                f"telemetry_{err['loc'][0]} = {err.get('input')!r}: {err['msg']}"
+            ) from None
         if not 1 <= channels <= 256:
             raise ValueError(f"channels must be within 1..256, got {channels!r}")
         if not internal_step_s > 0:
@@ -392,6 +423,7 @@ class CyclerSimulator(Simulator):
         self._init_channels()
         self._reset_configuration()
         self._handlers = self._build_table()
+        self._init_telemetry(seed)
 
     # -- state --------------------------------------------------------------------------
     def _init_channels(self) -> None:
@@ -435,6 +467,8 @@ class CyclerSimulator(Simulator):
 
     # -- physics ------------------------------------------------------------------------
     def _ensure_ticker(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.start()
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.create_task(self._tick_forever(), name=f"{self.name}:physics")
 
@@ -478,11 +512,13 @@ class CyclerSimulator(Simulator):
         while n_steps > 0:
             if max_calls is not None and calls >= max_calls:
                 return False
-            k = self._quiet_steps(n_steps)
+            k = self._quiet_steps(self._telemetry_cap(n_steps))
             self._tick(env, k)
             self._t += k * self.dt
             n_steps -= k
             calls += 1
+            if self.telemetry is not None and self._t >= self._tel_next - 1e-9:
+                self._sample_telemetry()
         return True
 
     def _quiet_steps(self, limit: int) -> int:
@@ -498,6 +534,72 @@ class CyclerSimulator(Simulator):
         to_log = (self.next_log[run] - self.test_t[run]) / self.dt
         first = min(float(to_end.min()), float(to_log.min()))
         return max(1, min(limit, math.ceil(first)))
+
+    # -- telemetry (optional) -------------------------------------------------------------
+    def _init_telemetry(self, seed: int) -> None:
+        cfg = self.telemetry_config
+        self.telemetry: TelemetryPublisher | None = None
+        if cfg.url is not None:
+            self.telemetry = TelemetryPublisher(cfg.url, identifier=f"{self.name}-{id(self):x}")
+        self.telemetry_period_s = cfg.period_s
+        # Pack ids as the labctl device counts channels (1-based, channel order).
+        self.pack_ids = [f"{self.name}-ch{k + 1}" for k in range(self.n)]
+        self._tel_rng = np.random.default_rng([seed, _TELEMETRY_STREAM])
+        self._tel_seq = np.zeros(self.n, dtype=np.int64)
+        self._tel_next = self._t
+        # Lab time as epoch seconds: the wall clock at the lab's t = 0.
+        self._epoch0 = time.time() - self.clock.now()
+        self.telemetry_samples = 0  # per channel and sample, whether sent or dropped
+
+    def _telemetry_channels(self) -> np.ndarray:
+        """Channels that report: a cell is defined on them and has been started (a client
+        that defines a cell on every channel at connect does not make them all report)."""
+        ks = [k for k in set(self.cell_of.values()) if self.result[k] != RESULT_NONE]
+        return np.array(sorted(ks), dtype=np.int64)
+
+    def _telemetry_cap(self, limit: int) -> int:
+        """Steps up to the next sample while a sample is due for some cell (so that a
+        quiet jump does not skip samples)."""
+        if self.telemetry is None or not self.cell_of or not self.result.any():
+            return limit
+        return max(1, min(limit, math.ceil((self._tel_next - self._t) / self.dt - 1e-9)))
+
+    def _sample_telemetry(self) -> None:
+        """One contract-5 telemetry message and one ground-truth message per reporting
+        channel: the instrument's measurements (its noise, discharge positive) at lab time."""
+        assert self.telemetry is not None
+        period = self.telemetry_period_s
+        self._tel_next += period
+        if self._tel_next <= self._t:  # after a stretch with no cell: resynchronise
+            self._tel_next = self._t + period
+        idx = self._telemetry_channels()
+        if idx.size == 0:
+            return
+        rng = self._tel_rng
+        v = self.v[idx] + rng.normal(0.0, self.noise_v, idx.size)
+        i_noisy = self.i[idx] + rng.normal(0.0, self.noise_a, idx.size)
+        i = np.where(self.direction[idx] == cm.IDLE, 0.0, i_noisy)  # open channel: no offset
+        temp = self.cells.temp_c[idx]
+        soc = self.cells.soc[idx]
+        cap = cm.capacity_ah(self.cells, self.params)[idx]
+        ts = round(self._epoch0 + self._t, 3)
+        prefix = self.telemetry_config.prefix
+        messages: list[tuple[str, bytes]] = []
+        for j, k in enumerate(idx.tolist()):  # JSON per message: no way around a loop
+            pack, seq = self.pack_ids[k], int(self._tel_seq[k])
+            self._tel_seq[k] = seq + 1
+            tele = {
+                "ts": ts,
+                "seq": seq,
+                "current_a": round(float(i[j]), 6),
+                "cell_v": [round(float(v[j]), 6)],
+                "temp_c": [round(float(temp[j]), 3)],
+            }
+            truth = {"ts": ts, "seq": seq, "soc": float(soc[j]), "capacity_ah": float(cap[j])}
+            messages.append((f"{prefix}/{pack}/telemetry", json.dumps(tele).encode()))
+            messages.append((f"{TRUTH_PREFIX}/{pack}/truth", json.dumps(truth).encode()))
+        self.telemetry_samples += idx.size
+        self.telemetry.offer(messages)
 
     def _physics(self, env: float, dt: float) -> None:
         self.integration_steps += 1
@@ -1144,6 +1246,8 @@ class CyclerSimulator(Simulator):
         return str(int((self.log_written - self.log_read).sum()))
 
     async def close(self) -> None:
+        if self.telemetry is not None:
+            await self.telemetry.close()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
