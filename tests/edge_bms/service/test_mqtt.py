@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -16,7 +17,13 @@ import pytest
 from edge_bms.service.cli import PackTable, demo, main
 from edge_bms.service.config import CheckpointConfig
 from edge_bms.service.core import Outgoing, PackService
-from edge_bms.service.mqtt import OutBuffer, backoff_delays, subscription_filters
+from edge_bms.service.mqtt import (
+    PUBLISH_WINDOW,
+    OutBuffer,
+    backoff_delays,
+    make_client,
+    subscription_filters,
+)
 from tests.edge_bms.service.brokers import (
     collecting,
     config_for,
@@ -138,6 +145,39 @@ async def test_states_follow_contract_5() -> None:
     assert st.topic == f"{prefix}/status/{config.instance}"
     assert st.json()["state"] == "online"
     assert service.counters["mqtt.published"] >= 10
+
+
+@pytest.mark.broker
+async def test_a_burst_of_packs_is_published_pipelined_without_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """40 packs on one tick: every state arrives, each pack's in order (publishes are
+    pipelined, not held behind each other's PUBACK), and aiomqtt's "pending publish
+    calls" warning (at more than 10 awaiting PUBACK, meant for runaway callers) is set
+    to our window, so a slow broker does not log a warning per state."""
+    url = require_system_broker()
+    sim = simulator(unique_prefix(), n_packs=40, n_cells=4)
+    prefix = sim.config.topic_prefix
+    ticks = telemetry_ticks(sim, 2, dt=2.0)
+    caplog.set_level(logging.WARNING)
+    async with (
+        collecting(url, [f"{prefix}/+/state"]) as col,
+        running_service(config_for(sim, url)) as (service, _),
+        publisher(url) as pub,
+    ):
+        pub.pending_calls_threshold = 100  # the test's own burst is meant
+        for tick in ticks:
+            await asyncio.gather(*(pub.publish(t, p, qos=1) for t, p in tick))
+        await col.wait_for(lambda c: len(c.on("/state")) >= 80, 15.0, "80 states")
+    assert service.counters["mqtt.published"] >= 80
+    assert "pending publish calls" not in caplog.text
+    assert make_client(config_for(sim, url), service).pending_calls_threshold == PUBLISH_WINDOW
+    # a pack's two states arrive in order
+    seqs: dict[str, list[int]] = {}
+    for m in col.on("/state"):
+        st = m.json()
+        seqs.setdefault(st["pack"], []).append(st["seq"])
+    assert len(seqs) == 40 and all(v == [0, 1] for v in seqs.values())
 
 
 @pytest.mark.broker
