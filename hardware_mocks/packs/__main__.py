@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
     ap.add_argument("--duration", type=float, default=60.0, help="wall seconds; 0: until Ctrl-C")
     ap.add_argument("--qos", type=int, default=0, choices=(0, 1, 2))
+    ap.add_argument(
+        "--phase",
+        default="spread",
+        choices=("spread", "synced"),
+        help="spread: packs publish at their own phase of the period (default); "
+        "synced: every pack on the same tick",
+    )
     ap.add_argument("--seed", type=int)
     ap.add_argument("--prefix", help="topic prefix (default bms/v1)")
     ap.add_argument("--load", action="append", choices=LOAD_KINDS, help="load kind; repeat to mix")
@@ -69,6 +76,7 @@ async def _amain(args: argparse.Namespace, sim: PackSimulator) -> PublishStats:
         qos=args.qos,
         progress=_progress,
         stop=stop,
+        phase=args.phase,
     )
 
 

@@ -83,6 +83,9 @@ def client_for_url(url: str, *, identifier: str | None = None) -> aiomqtt.Client
     )
 
 
+PHASES = ("spread", "synced")
+
+
 async def run_publisher(
     sim: PackSimulator,
     client_or_url: aiomqtt.Client | str,
@@ -96,9 +99,15 @@ async def run_publisher(
     progress_every_s: float = 5.0,
     stop: asyncio.Event | None = None,
     max_ticks: int | None = None,
+    phase: str = "spread",
 ) -> PublishStats:
     """Publish ``sim``'s telemetry ``rate_hz`` times per wall second per pack, for
     ``duration`` wall seconds (None: until ``stop`` is set or ``max_ticks``).
+
+    ``phase``: ``"spread"`` sends pack j's message of a tick j/n of a period after the
+    tick (every pack's BMS has its own clock, as in a fleet); ``"synced"`` sends all of
+    a tick at once (one master polling every pack, the worst case for a receiver).
+    The sample's ``ts`` is the tick's either way.
 
     ``client_or_url``: a connected ``aiomqtt.Client`` (left open) or a broker URL (a
     client is connected here and closed at the end). ``speed``: simulated seconds per
@@ -112,15 +121,17 @@ async def run_publisher(
         raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
     if duration is not None and not (math.isfinite(duration) and duration >= 0):
         raise ValueError(f"duration must be >= 0 or None, got {duration!r}")
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     if isinstance(client_or_url, str):
         async with client_for_url(client_or_url) as client:
             return await _loop(
                 sim, client, rate_hz, duration, speed, qos, retain, progress,
-                progress_every_s, stop, max_ticks,
+                progress_every_s, stop, max_ticks, phase,
             )  # fmt: skip
     return await _loop(
         sim, client_or_url, rate_hz, duration, speed, qos, retain, progress,
-        progress_every_s, stop, max_ticks,
+        progress_every_s, stop, max_ticks, phase,
     )  # fmt: skip
 
 
@@ -136,6 +147,7 @@ async def _loop(
     progress_every_s: float,
     stop: asyncio.Event | None,
     max_ticks: int | None,
+    phase: str,
 ) -> PublishStats:
     stats = PublishStats()
     period = 1.0 / rate_hz
@@ -169,7 +181,14 @@ async def _loop(
             sim.advance(dt_sim)
             stats.sim_s += dt_sim
         messages = [(m.topic, m.json()) for m in sim.telemetry()]
-        if qos == 0:
+        if phase == "spread" and len(messages) > 1:
+            tick_at = next_tick - period
+            for j, (topic, payload) in enumerate(messages):
+                wait = tick_at + j * period / len(messages) - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                await client.publish(topic, payload, qos=qos, retain=retain)
+        elif qos == 0:
             for topic, payload in messages:
                 await client.publish(topic, payload, qos=0, retain=retain)
         else:

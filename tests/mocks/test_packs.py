@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -415,3 +416,42 @@ async def test_publishes_through_mosquitto() -> None:
         assert [d["ts"] for d in msgs] == [T0, T0 + 0.5, T0 + 1.0]
         assert all(len(d["cell_v"]) == 24 and len(d["temp_c"]) == 3 for d in msgs)
         assert all(2.8 <= v <= 4.2 for d in msgs for v in d["cell_v"])
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("phase", ["spread", "synced"])
+async def test_packs_publish_at_their_own_phase_or_on_one_tick(phase: str) -> None:
+    """spread: 4 packs at 2 Hz arrive ~period/4 = 125 ms apart within a tick (each BMS on
+    its own clock); synced: a tick's 4 messages arrive together. ts is the tick's."""
+    import aiomqtt
+
+    _require_broker()
+    prefix = f"test/{uuid.uuid4().hex[:12]}/bms/v1"
+    sim = _sim(n_packs=4, n_cells=8, topic_prefix=prefix)
+    arrivals: list[tuple[float, dict[str, Any]]] = []
+    async with aiomqtt.Client(BROKER_HOST, BROKER_PORT) as sub:
+        await sub.subscribe(f"{prefix}/+/telemetry", qos=0)
+
+        async def collect() -> None:
+            async for msg in sub.messages:
+                assert isinstance(msg.payload, bytes)
+                arrivals.append((time.monotonic(), json.loads(msg.payload)))
+                if len(arrivals) == 8:
+                    return
+
+        task = asyncio.create_task(collect())
+        await run_publisher(
+            sim, f"mqtt://{BROKER_HOST}:{BROKER_PORT}", rate_hz=2.0, duration=None,
+            qos=0, max_ticks=2, phase=phase,
+        )  # fmt: skip
+        await asyncio.wait_for(task, 5.0)
+    for tick in (0, 1):
+        t = sorted(a for a, d in arrivals if d["seq"] == tick)
+        assert {d["ts"] for _, d in arrivals if d["seq"] == tick} == {T0 + 0.5 * tick}
+        gaps = np.diff(t)
+        if phase == "spread":
+            assert gaps.min() > 0.08 and t[-1] - t[0] < 0.5, gaps
+        else:
+            assert t[-1] - t[0] < 0.05, gaps
+    with pytest.raises(ValueError, match="phase"):
+        await run_publisher(sim, "mqtt://127.0.0.1:1", max_ticks=1, phase="random")
