@@ -101,11 +101,15 @@ def frame_id(atoms: Atoms) -> str:
 
 
 def split_group(fid: str) -> str:
-    """The frame id without a perturbation suffix (``.../md300K/2/p1`` -> ``.../md300K/2``).
+    """The structure a frame comes from: its id without the sampling suffix
+    (``.../Li+_EC4/1/md450K/2/p1`` -> ``.../Li+_EC4/1``; ``.../EC8/0/build/p3`` ->
+    ``.../EC8/0``).
 
-    A perturbed copy is nearly its parent, so both must land in the same split.
+    Every frame of one structure must land in the same split: a perturbed copy is nearly
+    its parent, and MD snapshots 10 fs apart are nearly each other (0.15 A RMSD), so
+    splitting them apart made the test set a copy of the training set.
     """
-    return re.sub(r"(/p\d+)+$", "", fid)
+    return re.sub(r"(/(md\d+(\.\d+)?K/\d+|build))?(/p\d+)*$", "", fid)
 
 
 def split_of(fid: str, fractions: tuple[float, float, float] = DEFAULT_SPLIT) -> Split:

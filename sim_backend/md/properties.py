@@ -215,6 +215,10 @@ def _fit_slope(lag: FloatArray, msd: FloatArray, window: tuple[float, float]) ->
     return float(slope)
 
 
+#: |beta - 1| within which an MSD counts as diffusive (beta: its log-log slope)
+DIFFUSIVE_BETA_TOL = 0.15
+
+
 @dataclass
 class Diffusion:
     """Self-diffusion coefficient (m²/s) with its standard error and how it was obtained."""
@@ -226,6 +230,25 @@ class Diffusion:
     msd_a2: FloatArray
     fit_window: tuple[float, float]
 
+    @property
+    def beta(self) -> float:
+        """Log-log slope of the MSD over the fit window: 1 in the diffusive regime, 2 when
+        ballistic, below 1 while molecules rattle in their cage. A D fitted where beta is
+        far from 1 is not a diffusion coefficient (the run is too short)."""
+        lo = max(round(self.fit_window[0] * (self.lag_fs.size - 1)), 1)
+        hi = round(self.fit_window[1] * (self.lag_fs.size - 1))
+        lag, msd = self.lag_fs[lo : hi + 1], self.msd_a2[lo : hi + 1]
+        ok = (lag > 0) & (msd > 0)
+        if ok.sum() < 3:
+            return float("nan")
+        slope, _ = np.polyfit(np.log(lag[ok]), np.log(msd[ok]), 1)
+        return float(slope)
+
+    @property
+    def diffusive(self) -> bool:
+        """Whether the fit window is in the diffusive regime (|beta - 1| <= 0.15)."""
+        return bool(abs(self.beta - 1.0) <= DIFFUSIVE_BETA_TOL)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form without the MSD curve."""
         return {
@@ -233,6 +256,11 @@ class Diffusion:
             "error_m2_s": self.error,
             "method": self.method,
             "fit_window_fraction": list(self.fit_window),
+            "fit_window_fs": [
+                float(self.lag_fs[round(f * (self.lag_fs.size - 1))]) for f in self.fit_window
+            ],
+            "msd_loglog_slope": self.beta,
+            "diffusive": self.diffusive,
         }
 
 

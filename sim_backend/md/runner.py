@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 Ensemble = Literal["nve", "csvr", "langevin"]
 ProgressT = bool | Callable[[int, int], None]
 
+#: A production run whose mean temperature is further off target than this is flagged.
+TEMPERATURE_TOL = 0.03
+
 ION_CHARGES: dict[str, float] = {"Li": 1.0, "Na": 1.0, "F6P": -1.0, "BF4": -1.0}
 """Formal charges of ions by Hill formula of the bonded fragment (PF6- is ``F6P``)."""
 
@@ -303,7 +306,7 @@ def dry_test(
     temperature_k: float = 313.0,
     n_replicas: int = 4,
     timestep_fs: float = 1.0,
-    n_equil_steps: int = 200,
+    n_equil_steps: int = 2000,
     n_steps: int = 1000,
     sample_every: int = 10,
     viscosity_pa_s: float | None = None,
@@ -340,7 +343,8 @@ def dry_test(
     if n_equil_steps > 0:
         eq = simulate(
             state, model, monitor, ensemble="langevin", n_steps=n_equil_steps,
-            sample_every=n_equil_steps, progress=progress, **common,
+            sample_every=n_equil_steps, check_every=min(10, n_equil_steps),
+            progress=progress, **common,
         )  # fmt: skip
         assert eq.final_state is not None
         state = eq.final_state
@@ -371,8 +375,10 @@ def dry_test(
     }
     if not ok:
         result.update(diffusion_m2_s={}, li_o_coordination=None, conductivity_ms_cm=None)
+        result["warnings"] = ["every replica was stopped by the stability monitor"]
         result["wall_s"] = time.perf_counter() - t_start
         return result
+    warnings: list[str] = []
     labels, names = molecules(traj.final_state, monitor) if traj.final_state else ([], [])
     labels = np.asarray(labels)
     frame_dt = sample_every * timestep_fs
@@ -399,8 +405,19 @@ def dry_test(
             entry["value_yeh_hummer_m2_s"] = d.value + yeh_hummer_correction(
                 temperature_k, viscosity_pa_s, box_l
             )
+        if not d.diffusive:
+            warnings.append(
+                f"D({name}): the MSD's log-log slope over the fit window is "
+                f"{d.beta:.2f}, not 1: not yet diffusive, run longer"
+            )
         diff[name] = entry
     result["diffusion_m2_s"] = diff
+    t_mean = result["mean_temperature_k"]
+    if t_mean is not None and abs(t_mean / temperature_k - 1.0) > TEMPERATURE_TOL:
+        warnings.append(
+            f"mean production temperature {t_mean:.0f} K is more than "
+            f"{100 * TEMPERATURE_TOL:.0f} % off {temperature_k:g} K: equilibrate longer"
+        )
     z = traj.numbers
     li_o = None
     if np.any(z == 3) and np.any(z == 8):
@@ -413,22 +430,32 @@ def dry_test(
     result["li_o_coordination"] = li_o
     ions = [n for n in diff if n in ION_CHARGES]
     if ions:
+        # with a viscosity, from the finite-size corrected D (the PBC ones are low by
+        # xi kT / (6 pi eta L), comparable to D(Li+) itself in a 15 A box)
+        key = "value_m2_s" if viscosity_pa_s is None else "value_yeh_hummer_m2_s"
         sigma = nernst_einstein(
             volume,
             temperature_k,
             [diff[n]["n_molecules"] for n in ions],
             [ION_CHARGES[n] for n in ions],
-            [diff[n]["value_m2_s"] for n in ions],
+            [diff[n][key] for n in ions],
             [diff[n]["error_m2_s"] for n in ions],
         )
         result["conductivity_ms_cm"] = {
             "value": sigma.value_ms_cm,
             "error": sigma.error_ms_cm,
             "ions": ions,
-            "note": "Nernst-Einstein (uncorrelated ions), from PBC diffusion coefficients",
+            "note": "Nernst-Einstein (uncorrelated ions), from "
+            + ("PBC diffusion coefficients" if viscosity_pa_s is None else "Yeh-Hummer D"),
         }
+        if viscosity_pa_s is None:
+            warnings.append(
+                "conductivity from PBC diffusion coefficients (no viscosity given, so no "
+                "Yeh-Hummer correction): low by the finite-size effect"
+            )
     else:
         result["conductivity_ms_cm"] = None
+    result["warnings"] = warnings
     result["wall_s"] = time.perf_counter() - t_start
     if not all(math.isfinite(v) for v in [result["density_g_cm3"]["value"]]):
         raise SimInputError("density is not finite: check the cell of the input system")

@@ -198,6 +198,11 @@ def state_from_atoms(
     momenta_np = np.concatenate(mom)
     if np.any(momenta_np != 0.0):
         momenta = t(momenta_np, dtype)
+        # temperatures count 3N - 3 degrees of freedom: the centre of mass must not move
+        # (a drifting box would also add a t^2 term to every MSD)
+        p_tot = sum_per_system(momenta, system_idx, n_sys)
+        m_tot = sum_per_system(masses, system_idx, n_sys)
+        momenta = momenta - (p_tot / m_tot.unsqueeze(-1))[system_idx] * masses.unsqueeze(-1)
     else:
         momenta = maxwell_boltzmann_momenta(
             masses, system_idx, n_sys, temperature_k, [seed + s for s in range(n_sys)]

@@ -134,3 +134,20 @@ def test_block_sem_of_white_noise() -> None:
 def test_bad_input_names_the_field(call: object, field: str) -> None:
     with pytest.raises(SimInputError, match=field):
         call()  # type: ignore[operator]
+
+
+def test_diffusion_flags_a_fit_that_is_not_yet_diffusive() -> None:
+    """A random walk is diffusive (log-log slope 1); ballistic flight (x = v t) has slope 2
+    and must be flagged, whatever D its straight-line fit gives."""
+    from sim_backend.md.properties import self_diffusion
+
+    rng = np.random.default_rng(4)
+    walk = np.cumsum(rng.normal(0.0, 0.1, (3, 400, 50, 3)), axis=1)
+    d = self_diffusion(walk, 10.0)
+    assert d.diffusive and abs(d.beta - 1.0) < 0.1
+    t = np.arange(400.0)[None, :, None, None]
+    ballistic = rng.normal(0.0, 0.01, (3, 1, 50, 3)) * t
+    b = self_diffusion(ballistic, 10.0)
+    assert not b.diffusive and b.beta == pytest.approx(2.0, abs=0.05)
+    assert b.to_dict()["diffusive"] is False
+    assert b.to_dict()["fit_window_fs"] == [400.0, 2000.0]  # 10 % and 50 % of 3990 fs
