@@ -397,9 +397,14 @@ def dry_test(
             per_rep.append(_com_trajectory(traj.positions, traj.masses, labels, mol_ids))
         if not per_rep or len(traj.times_fs) < 10:
             continue
-        d = self_diffusion(np.stack(per_rep), frame_dt)
-        if len(per_rep) == 1:
-            d = self_diffusion(per_rep[0], frame_dt)
+        if len(per_rep) >= 2:
+            d = self_diffusion(np.stack(per_rep), frame_dt)
+        else:  # one stable replica: the error from time blocks (>= 10 frames each)
+            blocks = min(5, len(traj.times_fs) // 10)
+            if blocks < 2:
+                warnings.append(f"D({name}): one stable replica, too short to estimate it")
+                continue
+            d = self_diffusion(per_rep[0], frame_dt, n_blocks=blocks)
         entry = d.to_dict() | {"n_molecules": counts[name]}
         if viscosity_pa_s is not None:
             entry["value_yeh_hummer_m2_s"] = d.value + yeh_hummer_correction(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -277,6 +278,22 @@ def test_dry_test_is_json_and_physical() -> None:
     assert d["value_yeh_hummer_m2_s"] > d["value_m2_s"]
     assert res["li_o_coordination"] is None and res["conductivity_ms_cm"] is None
     assert res["mean_temperature_k"] == pytest.approx(110.0, rel=0.15)
+
+
+def test_dry_test_with_one_replica_and_a_short_run() -> None:
+    """One stable replica takes its D error from time blocks of >= 10 frames (30 frames:
+    3 blocks; this crashed with a fixed 5), and too short a run says so instead."""
+    liquid = argon(3, a=5.9, rattle=0.2)
+    common: dict[str, Any] = {
+        "temperature_k": 110.0, "n_replicas": 1, "n_equil_steps": 20, "sample_every": 5,
+        "timestep_fs": 5.0, "dtype": torch.float32, "device": "cpu",
+    }  # fmt: skip
+    res = dry_test(liquid, LennardJones(cutoff=7.0), n_steps=150, **common)
+    d = res["diffusion_m2_s"]["Ar"]
+    assert d["method"] == "block averaging, 3 blocks" and d["error_m2_s"] > 0
+    short = dry_test(liquid, LennardJones(cutoff=7.0), n_steps=45, **common)
+    assert short["diffusion_m2_s"] == {}
+    assert any("too short" in w for w in short["warnings"])
 
 
 def test_float32_run_and_bad_inputs() -> None:
