@@ -10,6 +10,10 @@ uses the Lennard-Jones reference instead. Engines, all NVE velocity Verlet:
 * ``torchsim``: TorchSim 0.3.0's ``nve`` with the same model wrapped in its ModelInterface
   (it builds a neighbour list every step, as TorchSim's own models do).
 
+``--mace PATH`` adds the MACE peer (a ``kind="mace"`` model file, e.g. from ``labctl sim
+train DATA --out M.pt --kind mace``) as extra rows ``mace-ase`` and ``mace-ours`` (1 and 8
+replicas), compared with its own ASE row.
+
 Each configuration runs in its own subprocess so peak memory (ru_maxrss on CPU,
 ``torch.cuda.max_memory_allocated`` on GPU) is per configuration. Correctness: forces vs
 central finite differences, NVE drift of our engine (eV/atom/ps), step-0 forces of the
@@ -17,6 +21,7 @@ three engines against each other.
 
     python scripts/bench_md.py --quick          # < 2 minutes on CPU
     python scripts/bench_md.py --device cuda --replicas 1,8,32,64,256
+    python scripts/bench_md.py --quick --engines ase,ours --mace /tmp/mace.pt
 """
 
 from __future__ import annotations
@@ -144,7 +149,15 @@ def worker(engine: str, n_rep: int, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    model, _ = make_model(args.model)
+    label = engine
+    if engine.startswith("mace-"):  # the MACE peer from --mace, same engines
+        from sim_backend.nn.model import load_model
+
+        if not args.mace:
+            raise SystemExit(f"engine {engine!r} needs --mace PATH")
+        model, engine = load_model(args.mace), engine.removeprefix("mace-")
+    else:
+        model, _ = make_model(args.model)
     model = model.to(device=device, dtype=dtype)
     box = ec_box()
     n_atoms = len(box) * n_rep
@@ -201,7 +214,7 @@ def worker(engine: str, n_rep: int, args: argparse.Namespace) -> dict[str, Any]:
     else:
         raise SystemExit(f"unknown engine {engine!r}")
     return {
-        "engine": engine,
+        "engine": label,
         "replicas": n_rep,
         "atoms": n_atoms,
         "steps": steps,
@@ -306,6 +319,7 @@ def _common(args: argparse.Namespace) -> list[str]:
         "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps),
         "--threads", str(args.threads), "--model", args.model, "--skin", str(args.skin),
         "--timestep-fs", str(args.timestep_fs), "--drift-steps", str(args.drift_steps),
+        *(["--mace", str(args.mace)] if args.mace else []),
     ]  # fmt: skip
 
 
@@ -324,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drift-steps", type=int, default=400)
     p.add_argument("--engines", default="ase,ours,torchsim")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--mace", type=Path, default=None, help="a MACE model file: extra rows")
     p.add_argument("--worker", nargs=2, metavar=("ENGINE", "REPLICAS"), help=argparse.SUPPRESS)
     p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -344,11 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if "ase" in engines:
         rows.append(_run_sub(["--worker", "ase", "1"], args))
-    for r in reps:
+    for n_rep in reps:
         if "ours" in engines:
-            rows.append(_run_sub(["--worker", "ours", str(r)], args))
-        if "torchsim" in engines and r in (1, 32, max(reps)):
-            rows.append(_run_sub(["--worker", "torchsim", str(r)], args))
+            rows.append(_run_sub(["--worker", "ours", str(n_rep)], args))
+        if "torchsim" in engines and n_rep in (1, 32, max(reps)):
+            rows.append(_run_sub(["--worker", "torchsim", str(n_rep)], args))
+    if args.mace:
+        if not args.mace.is_file():
+            raise SystemExit(f"--mace: no model file at {args.mace}")
+        rows.append(_run_sub(["--worker", "mace-ase", "1"], args))
+        for n_rep in (1, 8):
+            rows.append(_run_sub(["--worker", "mace-ours", str(n_rep)], args))
     check = _run_sub(["--check"], args)
     dev = args.device
     if dev.startswith("cuda"):
@@ -356,13 +377,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {model_desc}; system: EC box, 320 atoms, 1.32 g/cm3; device {dev}; "
           f"{args.dtype}; {args.threads} thread(s); dt {args.timestep_fs} fs; "
           f"{args.steps} timed steps")  # fmt: skip
-    base = next((r["atom_steps_per_s"] for r in rows if r.get("engine") == "ase"), None)
+    # "vs ASE" compares each model with ASE's loop on the same model (MACE rows: mace-ase).
+    bases = {
+        r["engine"]: r["atom_steps_per_s"] for r in rows if r.get("engine") in ("ase", "mace-ase")
+    }
     print(f"{'engine':<10}{'replicas':>9}{'atoms':>8}{'ms/step':>11}{'atom-steps/s':>15}"
           f"{'vs ASE':>8}{'peak MiB':>10}")  # fmt: skip
     for r in rows:
         if "error" in r:
             print(f"  failed: {r['error']}")
             continue
+        base = bases.get("mace-ase" if r["engine"].startswith("mace-") else "ase")
         rel = f"{r['atom_steps_per_s'] / base:.1f}x" if base else "-"
         print(f"{r['engine']:<10}{r['replicas']:>9}{r['atoms']:>8}{r['ms_per_step']:>11.1f}"
               f"{r['atom_steps_per_s']:>15.0f}{rel:>8}{r['peak_mib']:>10.0f}")  # fmt: skip

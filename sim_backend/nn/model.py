@@ -17,7 +17,8 @@ are continuous as atoms cross it.
 
 Files: :func:`save_model` / :func:`load_model` write and read a plain dict (state dict,
 JSON hyper-parameters, JSON metadata) that loads with ``torch.load(weights_only=True)``.
-Other model kinds (MACE later) register a loader under their own ``kind``.
+Other model kinds register a loader under their own ``kind`` (MACE: ``"mace"``,
+:mod:`sim_backend.nn.mace`, imported only when such a file is loaded).
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ class MomentPotential(Potential):
 
 # ----------------------------------------------------------------------------- files
 
-#: kind -> function(hyper, state_dict) building the potential. MACE registers here later.
+#: kind -> function(hyper, state_dict) building the potential ("moment-mlp", "mace").
 _LOADERS: dict[str, Callable[[dict[str, Any], dict[str, Tensor]], Potential]] = {}
 
 
@@ -249,6 +250,16 @@ def _load_moment(hyper: dict[str, Any], state: dict[str, Tensor]) -> Potential:
 
 
 register_model_kind("moment-mlp", _load_moment)
+
+
+def _load_mace(hyper: dict[str, Any], state: dict[str, Tensor]) -> Potential:
+    # Lazy: mace-torch is the optional sim-peers extra (a clear error names it if missing).
+    from sim_backend.nn.mace import load_mace
+
+    return load_mace(hyper, state)
+
+
+register_model_kind("mace", _load_mace)
 
 
 def save_model(

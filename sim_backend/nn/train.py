@@ -1,10 +1,15 @@
-"""Training the moment potential on energies and forces (and stress when labelled).
+"""Training a potential on energies and forces (and stress when labelled).
 
 Reference energies per species (plus a term linear in the total charge) are fitted by
 least squares first, so the network only learns the small residual; descriptor
 statistics of the training set normalise the network's inputs. Then Adam with
 plateau LR decay and early stopping on the validation loss. A checkpoint is written
 each epoch (atomically) and ``train(..., checkpoint=path)`` resumes from it.
+
+``model_kind`` picks the model family: ``"moment-mlp"`` (the default, MomentPotential)
+or ``"mace"`` (the MACE peer of :mod:`sim_backend.nn.mace`, needs the ``sim-peers``
+extra). Both share the loss, optimiser, early stopping and checkpoints; each kind has
+its own model hyper-parameters (``model_hyper_defaults(kind)``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -24,11 +29,20 @@ from sim_backend.errors import SimInputError
 from sim_backend.nn.dataset import Batch, Sample, collate, frames_hash, prepare
 from sim_backend.nn.evaluate import evaluate
 from sim_backend.nn.model import DEFAULT_SPECIES, MomentPotential
+from sim_backend.nn.potential import Potential
 
 if TYPE_CHECKING:
     from ase import Atoms
 
-__all__ = ["DEFAULT_HYPER", "evaluate_metrics", "train"]
+__all__ = [
+    "DEFAULT_HYPER",
+    "MODEL_KINDS",
+    "ReferenceFit",
+    "evaluate_metrics",
+    "fit_reference_energies",
+    "model_hyper_defaults",
+    "train",
+]
 
 #: Defaults of every training hyper-parameter (``train(hyper=...)`` overrides any subset).
 DEFAULT_HYPER: dict[str, Any] = {
@@ -57,9 +71,28 @@ def _dtype(name: str) -> torch.dtype:
     return torch.float32 if name == "float32" else torch.float64
 
 
-def _fit_references(model: MomentPotential, samples: Sequence[Sample]) -> None:
-    """Least-squares species reference energies + charge term; residual sets the scale."""
-    species = list(model.species)
+#: Model hyper-parameters of the moment potential (the rest of DEFAULT_HYPER is training).
+_MOMENT_KEYS = ("n_basis", "n_channels", "hidden")
+#: Model kinds ``train`` can build (their names in model files, see ``save_model(kind=)``).
+MODEL_KINDS: tuple[str, ...] = ("moment-mlp", "mace")
+
+#: kind's builder: (hyper, training samples) -> an initialised potential.
+ModelBuilder = Callable[[dict[str, Any], Sequence[Sample]], Potential]
+
+
+class ReferenceFit(NamedTuple):
+    """Least-squares per-species reference energies (eV), charge term (eV/e), the std of
+    the per-atom residual (eV/atom) and the RMS force component (eV/Å) of a training set."""
+
+    ref_energy: np.ndarray
+    charge_energy: float
+    resid_std: float
+    force_rms: float
+
+
+def fit_reference_energies(species: Sequence[int], samples: Sequence[Sample]) -> ReferenceFit:
+    """E ~ sum_Z n_Z E_Z + q E_q by least squares over ``samples`` (E0s for any model)."""
+    species = [int(z) for z in species]
     counts = np.zeros((len(samples), len(species) + 1))
     energy = np.array([s.energy for s in samples])
     n_atoms = np.array([s.numbers.shape[0] for s in samples], dtype=np.float64)
@@ -74,13 +107,24 @@ def _fit_references(model: MomentPotential, samples: Sequence[Sample]) -> None:
         counts[k, -1] = s.charge
     coef, *_ = np.linalg.lstsq(counts, energy, rcond=None)
     resid = (energy - counts @ coef) / n_atoms
-    scale = max(float(np.std(resid)), 0.01) if len(samples) > 1 else 0.1
-    # Forces also set the scale of atomic energies: a network of unit output moves ~scale eV.
     f_rms = float(torch.cat([s.forces.reshape(-1) for s in samples]).double().pow(2).mean().sqrt())
-    scale = max(scale, 0.1 * f_rms)
+    return ReferenceFit(
+        ref_energy=np.asarray(coef[:-1], dtype=np.float64),
+        charge_energy=float(coef[-1]),
+        resid_std=float(np.std(resid)),
+        force_rms=f_rms,
+    )
+
+
+def _fit_references(model: MomentPotential, samples: Sequence[Sample]) -> None:
+    """Least-squares species reference energies + charge term; residual sets the scale."""
+    fit = fit_reference_energies(model.species, samples)
+    scale = max(fit.resid_std, 0.01) if len(samples) > 1 else 0.1
+    # Forces also set the scale of atomic energies: a network of unit output moves ~scale eV.
+    scale = max(scale, 0.1 * fit.force_rms)
     with torch.no_grad():
-        model.ref_energy.copy_(torch.tensor(coef[:-1]))
-        model.charge_energy.copy_(torch.tensor(coef[-1]))
+        model.ref_energy.copy_(torch.tensor(fit.ref_energy))
+        model.charge_energy.copy_(torch.tensor(fit.charge_energy))
         model.energy_scale.fill_(scale)
 
 
@@ -106,7 +150,38 @@ def _fit_normalisation(
         model.feat_std.copy_(f.std(0).clamp(min=1e-4) if f.shape[0] > 1 else torch.ones_like(f[0]))
 
 
-def _loss_terms(model: MomentPotential, b: Batch, create_graph: bool) -> dict[str, Tensor]:
+def _build_moment(h: dict[str, Any], samples: Sequence[Sample]) -> Potential:
+    model = MomentPotential(
+        cutoff=float(h["cutoff"]),
+        species=tuple(int(z) for z in h["species"]),
+        n_basis=int(h["n_basis"]),
+        n_channels=int(h["n_channels"]),
+        hidden=tuple(int(x) for x in h["hidden"]),
+    )
+    _fit_references(model, samples)
+    _fit_normalisation(model, samples)
+    return model
+
+
+def _build_mace(h: dict[str, Any], samples: Sequence[Sample]) -> Potential:
+    from sim_backend.nn.mace import build_mace  # the optional sim-peers extra
+
+    return build_mace(h, samples)
+
+
+def model_hyper_defaults(model_kind: str = "moment-mlp") -> dict[str, Any]:
+    """Every hyper-parameter ``train(model_kind=...)`` accepts, with its default."""
+    if model_kind == "moment-mlp":
+        return dict(DEFAULT_HYPER)
+    if model_kind == "mace":
+        from sim_backend.nn.mace import MACE_HYPER
+
+        common = {k: v for k, v in DEFAULT_HYPER.items() if k not in _MOMENT_KEYS}
+        return common | dict(MACE_HYPER)
+    raise SimInputError(f"model_kind must be one of {list(MODEL_KINDS)}, got {model_kind!r}")
+
+
+def _loss_terms(model: Potential, b: Batch, create_graph: bool) -> dict[str, Tensor]:
     out = evaluate(
         model,
         b.positions,
@@ -143,7 +218,7 @@ def _neighbors(b: Batch) -> Any:
 
 
 def evaluate_metrics(
-    model: MomentPotential, samples: Sequence[Sample], batch_size: int = 32, device: str = "cpu"
+    model: Potential, samples: Sequence[Sample], batch_size: int = 32, device: str = "cpu"
 ) -> dict[str, float]:
     """Energy MAE (meV/atom), force MAE (meV/Å) and RMSEs over ``samples``."""
     if not samples:
@@ -179,18 +254,25 @@ def train(
     test_frames: Sequence[Atoms] = (),
     checkpoint: str | Path | None = None,
     device: str = "cpu",
-) -> tuple[MomentPotential, dict[str, Any]]:
-    """Train a :class:`MomentPotential`; returns (best model by validation loss, metrics).
+    model_kind: str = "moment-mlp",
+) -> tuple[Potential, dict[str, Any]]:
+    """Train a potential of ``model_kind``; returns (best model by validation loss, metrics).
 
+    ``model_kind``: ``"moment-mlp"`` (:class:`MomentPotential`) or ``"mace"``
+    (:class:`sim_backend.nn.mace.MacePotential`); ``hyper`` keys are checked against
+    ``model_hyper_defaults(model_kind)``.
     ``progress`` is called after every epoch with a dict (epoch, losses, MAEs, lr).
     ``checkpoint``: a file written each epoch; when it exists, training resumes from it.
     Metrics hold train/val/test energy MAE (meV/atom) and force MAE (meV/Å).
     """
-    h = dict(DEFAULT_HYPER)
-    unknown = set(hyper or {}) - set(DEFAULT_HYPER)
+    defaults = model_hyper_defaults(model_kind)
+    build: ModelBuilder = _build_moment if model_kind == "moment-mlp" else _build_mace
+    h = dict(defaults)
+    unknown = set(hyper or {}) - set(defaults)
     if unknown:
         raise SimInputError(
-            f"unknown hyper-parameters {sorted(unknown)}; known: {sorted(DEFAULT_HYPER)}"
+            f"unknown hyper-parameters {sorted(unknown)} for model_kind {model_kind!r}; "
+            f"known: {sorted(defaults)}"
         )
     h.update(hyper or {})
     if not train_frames:
@@ -202,19 +284,13 @@ def train(
     dtype = _dtype(str(h["dtype"]))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = MomentPotential(
-        cutoff=float(h["cutoff"]),
-        species=tuple(int(z) for z in h["species"]),
-        n_basis=int(h["n_basis"]),
-        n_channels=int(h["n_channels"]),
-        hidden=tuple(int(x) for x in h["hidden"]),
-    )
-    tr = prepare(train_frames, model.cutoff, dtype)
-    va = prepare(val_frames, model.cutoff, dtype)
-    te = prepare(test_frames, model.cutoff, dtype) if test_frames else []
-    _fit_references(model, tr)
-    _fit_normalisation(model, tr)
-    model = model.to(device=device, dtype=dtype)
+    cutoff = float(h["cutoff"])
+    if not cutoff > 0:
+        raise SimInputError(f"cutoff must be > 0 Å, got {cutoff!r}")
+    tr = prepare(train_frames, cutoff, dtype)
+    va = prepare(val_frames, cutoff, dtype)
+    te = prepare(test_frames, cutoff, dtype) if test_frames else []
+    model = build(h, tr).to(device=device, dtype=dtype)
     opt = torch.optim.Adam(model.parameters(), lr=float(h["lr"]))
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, factor=float(h["lr_factor"]), patience=int(h["lr_patience"]), min_lr=float(h["min_lr"])
@@ -294,6 +370,7 @@ def train(
         "test": evaluate_metrics(model, te, device=device),
         "train_data_hash": frames_hash([*train_frames, *val_frames]),
         "hyper": h,
+        "model_kind": model_kind,
         "seed": seed,
         "history": history,
     }
