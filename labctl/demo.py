@@ -42,6 +42,12 @@ DEMO_RECIPES: tuple[tuple[str, Recipe, str], ...] = (
      "rack/2"),
 )  # fmt: skip
 DEMO_TEMPERATURES_C = (15.0, 25.0, 40.0)
+# sim_backend's dry test of the campaign's best candidate: a small box (12-16 solvent
+# molecules, ~140-200 atoms), 2 replicas x 300 steps of 1 fs on CPU (~10-15 s).
+DEMO_DRY_TEST: dict[str, Any] = {
+    "enabled": True, "replicas": 2, "steps": 300, "equil_steps": 100,
+    "n_solvent": (12, 16), "device": "cpu",
+}  # fmt: skip
 ELECTROLYTE_SPEED = 500.0
 CYCLING_SPEED = 4000.0
 
@@ -526,12 +532,14 @@ def _start_edge(lab_config: Path | None, tmp: Path) -> tuple[EdgeBeside, Path] |
 def _campaign(session: Any, store: Any, campaign: str, budget: int, batch: int) -> str:
     """A short closed-loop campaign (BoTorch; the property model as prior once trained)
     on the same lab; returns the lines to print at the end."""
+    from labctl.campaign.dry_test import DryTestConfig, describe
     from labctl.campaign.report import write_report
     from labctl.campaign.runner import Campaign, CampaignConfig
 
     cfg = CampaignConfig(
-        campaign_id=f"{campaign}-dmta", budget=budget, batch_size=batch, optimizer="bo"
-    )
+        campaign_id=f"{campaign}-dmta", budget=budget, batch_size=batch, optimizer="bo",
+        dry_test=DryTestConfig(**DEMO_DRY_TEST if importlib.util.find_spec("sim_backend") else {}),
+    )  # fmt: skip
     print(f"\n== closed loop: campaign {cfg.id}, {budget} experiments in batches of {batch}")
     t = time.monotonic()
     result = Campaign(cfg, session, store, say=lambda text: print(text, flush=True)).run()
@@ -540,11 +548,15 @@ def _campaign(session: Any, store: Any, campaign: str, budget: int, batch: int) 
     files = write_report(result.state, out)
     best = summary["best"] or {}
     fr = ", ".join(f"{k} {v:.3f}" for k, v in best.get("fractions", {}).items())
+    dry = [line for test in result.state.dry_tests for line in describe(test)]
+    if not cfg.dry_test.enabled:
+        dry = ["(sim_backend not installed: no dry test of the best candidate)"]
     return (
         f"Campaign {cfg.id}: {summary['n_experiments']} experiments in {summary['batches']} "
         f"batches, {time.monotonic() - t:.0f} s; best {best.get('conductivity_mS_cm', 0):.3f} "
         f"mS/cm ({fr}; LiPF6 {best.get('salt_molality', 0):.3f} mol/kg)\n"
-        f"  report: {files[-1]}\n  labctl campaign status {cfg.id}"
+        + "".join(f"  {line}\n" for line in dry)
+        + f"  report: {files[-1]}\n  labctl campaign status {cfg.id}"
     )
 
 

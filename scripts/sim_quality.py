@@ -96,6 +96,16 @@ def main() -> None:
         print(f"(no data at {args.data}: held-out errors skipped; `labctl sim label` makes it)")
 
     steps = round(args.stability_ps * 1000 / args.timestep)
+    if args.stability_replicas > 0:
+        stability(args, path, steps, report)
+    if args.ec_ps > 0:
+        liquid_ec(args, path, report)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+        print(f"wrote {args.json}")
+
+
+def stability(args: Any, path: Path, steps: int, report: dict[str, Any]) -> None:
     print(f"stability: {args.stability_replicas} x EC8 box, 300 K CSVR, {steps} steps")
     box = solvent_box({"EC": 8}, density=EC_DENSITY_EXP, seed=1)
     model = load_model(path)
@@ -121,6 +131,8 @@ def main() -> None:
     for ev in st.get("stopped", []):
         print(f"  stopped: {ev}")
 
+
+def liquid_ec(args: Any, path: Path, report: dict[str, Any]) -> None:
     ec_steps = round(args.ec_ps * 1000 / args.timestep)
     print(f"liquid EC: {args.ec_molecules} molecules, 313 K, 4 replicas, {ec_steps} steps")
     ec = solvent_box({"EC": args.ec_molecules}, density=EC_DENSITY_EXP, seed=2)
@@ -144,9 +156,9 @@ def main() -> None:
             f"(experiment ~1e-9 order); density {res['density_g_cm3']['value']:.3f} g/cm3 "
             f"(input, NVT; experiment {EC_DENSITY_EXP}); mean T {res['mean_temperature_k']:.0f} K"
         )
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=1, default=str))
-        print(f"wrote {args.json}")
+        print(f"  MSD log-log slope over the fit window {d['msd_loglog_slope']:.2f}")
+    for w in res.get("warnings", []):
+        print(f"  warning: {w}")
 
 
 if __name__ == "__main__":

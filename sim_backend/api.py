@@ -78,9 +78,13 @@ def train_model(
     hyper: Mapping[str, Any] | None = None,
     checkpoint: str | Path | None = None,
     say: Say = print,
+    kind: str = "moment-mlp",
 ) -> dict[str, Any]:
     """Train the potential on the labelled extxyz ``data`` (its train/val/test split) and
-    save it to ``out``; returns the metrics (energy and force MAE on each split)."""
+    save it to ``out``; returns the metrics (energy and force MAE on each split).
+
+    ``kind``: ``"moment-mlp"`` (the default model) or ``"mace"`` (the MACE peer; needs
+    the ``sim-peers`` extra); the file records it, so ``load_calculator(out)`` works."""
     from sim_backend.nn.dataset import read_frames, split_frames
     from sim_backend.nn.model import save_model
     from sim_backend.nn.train import train
@@ -107,33 +111,45 @@ def train_model(
         progress=progress,
         test_frames=split["test"],
         checkpoint=checkpoint,
+        model_kind=kind,
     )
     meta = {k: metrics[k] for k in ("train", "val", "test", "train_data_hash", "seed")}
     meta["data"] = str(path)
-    save_model(model, out, metadata=meta)
+    meta["model_kind"] = kind
+    save_model(model, out, metadata=meta, kind=kind)
     return {k: v for k, v in metrics.items() if k != "history"} | {"model": str(out)}
+
+
+def solution_density(composition: Mapping[str, int]) -> float:
+    """The density (g/cm^3) a box of ``composition`` is packed at: the solvents' ideal
+    mixture (mass-weighted harmonic mean of :data:`SOLVENT_DENSITY`) plus
+    :data:`SALT_DENSITY_PER_MOLAL` per mol/kg of Li+."""
+    from sim_backend.chem.build import parse_composition
+    from sim_backend.chem.species import molar_mass
+
+    comp = parse_composition(composition)
+    solvents = {k: n for k, n in comp.items() if k in SOLVENT_DENSITY}
+    if not solvents:
+        raise SimInputError(f"composition: no solvent in {dict(comp)}; give density")
+    mass = {k: n * molar_mass(k) for k, n in solvents.items()}
+    total = sum(mass.values())
+    density = total / sum(m / SOLVENT_DENSITY[k] for k, m in mass.items())
+    molality = comp.get("Li+", 0) / (total / 1000.0)  # mol per kg of solvent
+    return density + SALT_DENSITY_PER_MOLAL * molality
 
 
 def solvent_box(
     composition: Mapping[str, int], *, density: float | None = None, seed: int = 0
 ) -> Any:
     """A periodic box of ``composition`` (e.g. {"EC": 24, "Li+": 1, "PF6-": 1}) at
-    ``density`` (default: the solvents' liquid density, plus the salt's share)."""
-    from sim_backend.chem.build import build_box, parse_composition
-    from sim_backend.chem.species import molar_mass
+    ``density`` (default: :func:`solution_density`)."""
+    from sim_backend.chem.build import parse_composition
 
     comp = parse_composition(composition)
     if density is None:
-        solvents = {k: n for k, n in comp.items() if k in SOLVENT_DENSITY}
-        if not solvents:
-            raise SimInputError(f"composition: no solvent in {dict(comp)}; give density")
-        mass = {k: n * molar_mass(k) for k, n in solvents.items()}
-        total = sum(mass.values())
-        density = total / sum(m / SOLVENT_DENSITY[k] for k, m in mass.items())
-        salt_mol = comp.get("Li+", 0)
-        molality = salt_mol / (total / 1000.0)  # mol per kg of solvent
-        density += SALT_DENSITY_PER_MOLAL * molality
-    return build_box(comp, density=density, seed=seed)
+        density = solution_density(comp)
+    # pack_box, not build_box: its one 1.9 A distance can take minutes at liquid density
+    return pack_box(comp, density=density, seed=seed)
 
 
 def dry_test(
@@ -181,6 +197,385 @@ def dry_test(
     result["n_atoms"] = len(box)
     out: dict[str, Any] = json.loads(json.dumps(result, default=_jsonable))
     return out
+
+
+#: Molality is weighed against mass fractions in :func:`formulation_composition`: an
+#: error of this many mol/kg counts as much as a whole unit of mass fraction.
+MOLALITY_SCALE = 2.0
+#: Default range of solvent molecules in a formulation box (~300-450 atoms with the ions).
+N_SOLVENT = (24, 32)
+#: Packing of a formulation box (:func:`pack_box`): two atoms of different molecules
+#: stay at least ``PACK_CONTACT_SCALE`` x their covalent-bond cutoff apart (the stability
+#: monitor's 1.2 x (r_i + r_j), which takes its reference bonds from the packed box: a
+#: closer contact would become a false bond that breaks, and the replica would be
+#: stopped as unstable), and never closer than ``PACK_MIN_DISTANCE`` Å.
+PACK_CONTACT_SCALE = 1.15
+#: After packing, molecules are pushed apart to this intermolecular distance (Å; Packmol
+#: uses 2.0) and Li+ to RELAX_DISTANCE_LI from anything (its Li-O shell is ~1.9-2.0 Å).
+RELAX_DISTANCE = 1.9
+RELAX_DISTANCE_LI = 1.75
+RELAX_MAX_STEP = 0.2  # Å per molecule per iteration
+PACK_MIN_DISTANCE = 1.3
+#: Each molecule gets this many random poses (tried 64 at a time) before the packing
+#: restarts (``PACK_RESTARTS`` times, then the thresholds shrink by 5 %, down to 85 %).
+PACK_TRIES = 2048
+PACK_RESTARTS = 3
+
+
+def formulation_composition(
+    fractions: Mapping[str, float],
+    salt_molality: float,
+    *,
+    n_solvent: int | tuple[int, int] = N_SOLVENT,
+) -> dict[str, Any]:
+    """Molecule counts that best realise a formulation (DESIGN contract 2's terms:
+    solvent **mass** fractions over EC, PC, EMC, DMC, DEC summing to 1; LiPF6 molality in
+    mol/kg of solvent) in a box of ``n_solvent`` solvent molecules (an int, or a range
+    ``(lo, hi)`` searched whole).
+
+    Integer rounding: for every total N in the range, each solvent's count is the floor
+    or the ceiling of N times its mole fraction (from the mass fractions and molar
+    masses), and the ion pairs the floor or the ceiling of molality x solvent mass (at
+    least one when the molality is > 0, so that Li+ is there to be measured); of all
+    those combinations the one with the smallest ``sum |w_real - w| + |m_real - m| /
+    MOLALITY_SCALE`` wins, fewer molecules breaking ties. Li+ and PF6- come in pairs, so
+    the box is neutral. Returns the counts and the realised fractions and molality.
+    """
+    import itertools
+    import math
+
+    from sim_backend.chem.species import molar_mass
+
+    w = _check_fractions(fractions)
+    m = _check_number("salt_molality", salt_molality, 0.0, 10.0, "mol/kg")
+    lo, hi = _check_n_solvent(n_solvent)
+    names = [k for k, v in w.items() if v > 0]
+    masses = {k: molar_mass(k) for k in SOLVENT_DENSITY}
+    per_mol = {k: w[k] / masses[k] for k in names}
+    x = {k: v / sum(per_mol.values()) for k, v in per_mol.items()}
+    best: tuple[float, int, dict[str, int], int] | None = None
+    for n in range(lo, hi + 1):
+        floors = {k: math.floor(n * x[k]) for k in names}
+        for ups in itertools.product((0, 1), repeat=len(names)):
+            counts = {k: floors[k] + u for k, u in zip(names, ups, strict=True)}
+            if sum(counts.values()) != n:
+                continue
+            solvent_g = sum(c * masses[k] for k, c in counts.items())
+            wr = {k: counts[k] * masses[k] / solvent_g for k in names}
+            ideal = m * solvent_g / 1000.0
+            pairs = {math.floor(ideal), math.ceil(ideal)}
+            for n_salt in sorted({max(p, 1) if m > 0 else 0 for p in pairs}):
+                mr = n_salt / (solvent_g / 1000.0)
+                score = sum(abs(wr[k] - w[k]) for k in w if w[k] > 0 or k in wr)
+                score += abs(mr - m) / MOLALITY_SCALE
+                key = (round(score, 12), n + 2 * n_salt, counts, n_salt)
+                if best is None or key[:2] < best[:2]:
+                    best = key
+    if best is None:  # every N in range leaves some present solvent without a count
+        raise SimInputError(f"n_solvent: no box of {lo}..{hi} solvent molecules fits {w}")
+    _, _, counts, n_salt = best
+    solvent_g = sum(c * masses[k] for k, c in counts.items())
+    realised = {k: counts[k] * masses[k] / solvent_g for k in names if counts[k] > 0}
+    molality = n_salt / (solvent_g / 1000.0)
+    comp: dict[str, int] = {k: c for k, c in counts.items() if c > 0}
+    if n_salt:
+        comp = {"Li+": n_salt, "PF6-": n_salt} | comp
+    return {
+        "counts": comp,
+        "n_solvent": sum(counts.values()),
+        "n_ion_pairs": n_salt,
+        "fractions": realised,
+        "salt_molality": molality,
+        "target": {"fractions": {k: v for k, v in w.items() if v > 0}, "salt_molality": m},
+        "fraction_error_max": max(abs(realised.get(k, 0.0) - w[k]) for k in w),
+        "salt_molality_error": molality - m,
+        "rounding": "floor/ceil per solvent and salt over N in "
+        f"{lo}..{hi}; min sum|dw| + |dm|/{MOLALITY_SCALE:g} mol/kg",
+    }
+
+
+def formulation_box(
+    fractions: Mapping[str, float],
+    salt_molality: float,
+    *,
+    n_solvent: int | tuple[int, int] = N_SOLVENT,
+    density: float | None = None,
+    seed: int = 0,
+) -> Any:
+    """A periodic box (ASE Atoms) of the formulation: counts from
+    :func:`formulation_composition`, packed at :func:`solution_density` (or ``density``,
+    g/cm^3) by :func:`pack_box`.
+
+    ``info["formulation"]`` holds the realised composition (counts, fractions, molality,
+    their errors), ``info["density_g_cm3"]``, ``info["pack_scale"]`` and
+    ``info["pack_s"]``."""
+    comp = formulation_composition(fractions, salt_molality, n_solvent=n_solvent)
+    rho = solution_density(comp["counts"]) if density is None else density
+    if isinstance(rho, bool) or not (isinstance(rho, int | float) and 0.3 <= rho <= 3.0):
+        raise SimInputError(f"density: must be within 0.3..3.0 g/cm3, got {density!r}")
+    t0 = time.perf_counter()
+    box = pack_box(comp["counts"], density=float(rho), seed=seed)
+    box.info.update(formulation=comp, density_g_cm3=float(rho), pack_s=time.perf_counter() - t0)
+    return box
+
+
+def pack_box(composition: Mapping[str, int], *, density: float, seed: int = 0) -> Any:
+    """Pack ``composition`` into a cubic periodic box at ``density`` (g/cm^3), fast and
+    without false bonds: like ``sim_backend.chem.build.build_box`` (same molecules, same
+    order, same ``info`` and ``mol_id``), but with an element-pair distance (see
+    :data:`PACK_CONTACT_SCALE`) instead of one ``min_distance``, and poses tried in
+    vectorised batches. ``build_box`` with its 1.9 Å can take minutes at liquid density;
+    a lower single distance lets carbon and oxygen atoms of two molecules touch closer
+    than a C-O bond cutoff. ``info["pack_scale"]`` says how far the thresholds shrank."""
+    import numpy as np
+    from ase.data import covalent_radii
+    from scipy.spatial import cKDTree  # type: ignore[import-untyped]
+
+    from sim_backend.chem.build import (
+        AMU_PER_A3_TO_G_PER_CM3,
+        _assemble,
+        _molecules,
+        parse_composition,
+        random_rotation,
+    )
+
+    comp = parse_composition(composition)
+    rng = np.random.default_rng(seed)
+    mols = _molecules(comp, seed)
+    mass = sum(float(m.get_masses().sum()) for _, m in mols)
+    length = float((mass / (density / AMU_PER_A3_TO_G_PER_CM3)) ** (1 / 3))
+    zmax = 1 + max(int(m.numbers.max()) for _, m in mols)
+    r = covalent_radii[:zmax]
+    base = np.maximum(PACK_CONTACT_SCALE * 1.2 * (r[:, None] + r[None, :]), PACK_MIN_DISTANCE)
+    batch, k_near = 64, 24
+    for scale in (1.0, 0.95, 0.9, 0.85):
+        thr2 = (scale * base) ** 2
+        for _ in range(PACK_RESTARTS):
+            placed: list[tuple[str, Any, Any]] = []
+            others = np.zeros((0, 3))
+            oz = np.zeros(0, dtype=int)
+            for name, mol in mols:
+                local = mol.positions - mol.positions.mean(0)
+                tree = cKDTree(others % length, boxsize=length) if len(others) else None
+                reach = float(np.sqrt(thr2[mol.numbers].max()))
+                pos = None
+                for _ in range(PACK_TRIES // batch):
+                    rot = np.stack([random_rotation(rng) for _ in range(batch)])
+                    cand = np.einsum("ij,bkj->bik", local, rot) + rng.random((batch, 1, 3)) * length
+                    if tree is None:
+                        pos = cand[0]
+                        break
+                    ok = _poses_clear(tree, cand % length, mol.numbers, oz, thr2, reach, k_near)
+                    if ok.any():
+                        pos = cand[int(np.argmax(ok))]
+                        break
+                if pos is None:
+                    break
+                placed.append((name, pos, mol))
+                others = np.concatenate([others, pos])
+                oz = np.concatenate([oz, mol.numbers])
+            if len(placed) == len(mols):
+                atoms = _assemble(placed, comp, seed)
+                atoms.cell = np.eye(3) * length
+                atoms.pbc = True
+                atoms.wrap()  # type: ignore[no-untyped-call]
+                gap = _push_apart(atoms)
+                atoms.info.update(config="box", pack_scale=scale, min_distance_A=gap)
+                return atoms
+    raise SimInputError(
+        f"density: could not pack {dict(comp)} at {density:.3f} g/cm3 ({length:.1f} Å box) "
+        "even with the contact distances at 85 %; lower the density"
+    )
+
+
+def _push_apart(atoms: Any, iterations: int = 300) -> float:
+    """Move whole molecules (rigid translations) until atoms of different molecules are
+    at least :data:`RELAX_DISTANCE` apart (:data:`RELAX_DISTANCE_LI` for Li+), like
+    Packmol's tolerance; returns the smallest intermolecular distance left. The box is
+    the cubic one :func:`pack_box` makes.
+
+    Random insertion at liquid density only finds room down to ~1.3 Å contacts; MD
+    from there puts the potential far outside its training data (H...H at 1.3 Å) and
+    blows bonds within tens of femtoseconds, while insertion at 1.9 Å takes minutes."""
+    import numpy as np
+    from scipy.spatial import cKDTree
+
+    length = float(atoms.cell[0, 0])
+    mol = np.asarray(atoms.arrays["mol_id"])
+    is_li = atoms.numbers == 3
+    n_mol = int(mol.max()) + 1
+    pos = atoms.positions % length
+    d_min = float("inf")
+    for _ in range(iterations):
+        pairs = cKDTree(pos, boxsize=length).query_pairs(RELAX_DISTANCE, output_type="ndarray")
+        i, j = pairs[:, 0], pairs[:, 1]
+        inter = mol[i] != mol[j]
+        i, j = i[inter], j[inter]
+        vec = pos[j] - pos[i]
+        vec -= length * np.round(vec / length)  # minimum image
+        d = np.linalg.norm(vec, axis=1)
+        d_min = float(d.min()) if d.size else RELAX_DISTANCE
+        target = np.where(is_li[i] | is_li[j], RELAX_DISTANCE_LI, RELAX_DISTANCE)
+        short = d < target
+        if not short.any():
+            break
+        push = (0.5 * (target - d) / np.maximum(d, 1e-6))[short, None] * vec[short]
+        move = np.zeros((n_mol, 3))
+        np.add.at(move, mol[j[short]], push)
+        np.add.at(move, mol[i[short]], -push)
+        step = np.linalg.norm(move, axis=1, keepdims=True)
+        move *= np.minimum(1.0, RELAX_MAX_STEP / np.maximum(step, 1e-12))
+        pos = (pos + move[mol]) % length
+    atoms.positions = pos
+    return d_min
+
+
+def _poses_clear(
+    tree: Any, cand: Any, z: Any, oz: Any, thr2: Any, reach: float, k_near: int
+) -> Any:
+    """Which of the candidate poses ``cand`` [B, m, 3] (wrapped into the box) keep every
+    atom at least its element-pair distance (``thr2``, squared) from the placed atoms of
+    ``tree`` (elements ``oz``). The ``k_near`` nearest within ``reach`` are checked; a
+    pose with more than that many atoms within reach is crowded: rejected."""
+    import numpy as np
+
+    b, m, _ = cand.shape
+    d, idx = tree.query(cand.reshape(-1, 3), k=k_near, distance_upper_bound=reach)
+    near = np.isfinite(d)
+    zo = oz[np.where(near, idx, 0)]
+    lim = thr2[np.repeat(z[None], b, 0).reshape(-1)[:, None], zo]
+    bad = near & (d * d < lim)
+    bad[:, -1] |= near[:, -1]  # all k within reach: too crowded to judge, reject
+    out: Any = ~bad.reshape(b, m * k_near).any(axis=1)
+    return out
+
+
+def formulation_dry_test(
+    fractions: Mapping[str, float],
+    salt_molality: float,
+    *,
+    temperature_c: float = 25.0,
+    replicas: int = 2,
+    steps: int = 300,
+    equil_steps: int = 100,
+    timestep_fs: float = 1.0,
+    sample_every: int = 5,
+    n_solvent: int | tuple[int, int] = N_SOLVENT,
+    viscosity_pa_s: float | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    model: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """A dry test of a formulation (contract 2's terms): its box
+    (:func:`formulation_box`), Langevin equilibration, CSVR production on ``replicas``
+    replicas in one batch, the properties of :func:`sim_backend.md.runner.dry_test`.
+
+    Returns a JSON-able dict: those properties (``diffusion_m2_s`` by Hill formula and
+    ``diffusion_by_species`` by species name, ``li_o_coordination``,
+    ``conductivity_ms_cm``, ``n_stable`` of ``n_replicas``, ``stability``), the realised
+    ``formulation``, the ``settings``, the ``model`` file (path and sha256) and
+    ``wall_s`` (box, model and MD). Errors name the field."""
+    import hashlib
+
+    from sim_backend.md.runner import dry_test as run
+    from sim_backend.nn.calculator import resolve_model_path
+    from sim_backend.nn.model import load_model
+
+    t0 = time.perf_counter()
+    t_c = _check_number("temperature_c", temperature_c, -60.0, 200.0, "C")
+    for name, value, least in (("replicas", replicas, 1), ("equil_steps", equil_steps, 0),
+                               ("sample_every", sample_every, 1)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise SimInputError(f"{name}: must be an integer >= {least}, got {value!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 50 * sample_every:
+        raise SimInputError(
+            f"steps: must be an integer >= 50 x sample_every ({50 * sample_every}: with one "
+            f"stable replica left, D's error comes from 5 blocks of >= 10 frames), got {steps!r}"
+        )
+    dt = _check_number("timestep_fs", timestep_fs, 0.1, 4.0, "fs")
+    box = formulation_box(fractions, salt_molality, n_solvent=n_solvent, seed=seed)
+    path = resolve_model_path(model)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    pot = load_model(path)
+    settings = {"temperature_c": t_c, "temperature_k": t_c + 273.15, "replicas": replicas,
+                "steps": steps, "equil_steps": equil_steps, "timestep_fs": dt,
+                "sample_every": sample_every, "n_solvent": list(_check_n_solvent(n_solvent)),
+                "viscosity_pa_s": viscosity_pa_s, "device": device, "seed": seed,
+                "pack_scale": box.info["pack_scale"],
+                "ensemble": "Langevin, then CSVR"}  # fmt: skip
+    result = run(
+        box, pot, temperature_k=t_c + 273.15, n_replicas=replicas, timestep_fs=dt,
+        n_equil_steps=equil_steps, n_steps=steps, sample_every=sample_every,
+        viscosity_pa_s=viscosity_pa_s, device=device, seed=seed, progress=progress,
+    )  # fmt: skip
+    hill = {_hill(k): k for k in box.info["formulation"]["counts"]}
+    result["diffusion_by_species"] = {
+        hill.get(k, k): v for k, v in result.get("diffusion_m2_s", {}).items()
+    }
+    result["formulation"] = box.info["formulation"] | {
+        "density_g_cm3": box.info["density_g_cm3"],
+        "n_atoms": len(box),
+        "box_length_A": float(box.cell[0, 0]),
+        "pack_s": box.info["pack_s"],
+    }
+    result["settings"] = settings
+    result["model"] = {"path": str(path), "sha256": digest}
+    result["md_wall_s"] = result.pop("wall_s", None)
+    result["wall_s"] = time.perf_counter() - t0
+    out: dict[str, Any] = json.loads(json.dumps(result, default=_jsonable))
+    return out
+
+
+def _hill(species: str) -> str:
+    from ase.formula import Formula
+
+    from sim_backend.chem.species import species_atoms
+
+    return str(Formula(species_atoms(species).get_chemical_formula()).format("hill"))  # type: ignore[no-untyped-call]
+
+
+def _check_number(field: str, value: Any, lo: float, hi: float, unit: str) -> float:
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise SimInputError(f"{field}: must be a finite number ({unit}), got {value!r}")
+    if not lo <= value <= hi:
+        raise SimInputError(f"{field}: must be within {lo:g}..{hi:g} {unit}, got {value!r}")
+    return float(value)
+
+
+def _check_fractions(fractions: Any) -> dict[str, float]:
+    """Solvent mass fractions: known solvents, each 0..1, summing to 1 (within 1e-3);
+    returned normalised over every solvent (absent ones 0)."""
+    if not isinstance(fractions, Mapping) or not fractions:
+        raise SimInputError(f"fractions: expected a mapping solvent -> mass fraction, got "
+                            f"{fractions!r}")  # fmt: skip
+    out = dict.fromkeys(SOLVENT_DENSITY, 0.0)
+    for name, value in fractions.items():
+        if name not in SOLVENT_DENSITY:
+            raise SimInputError(f"fractions[{name!r}]: not a solvent (known: "
+                                f"{', '.join(SOLVENT_DENSITY)})")  # fmt: skip
+        out[name] = _check_number(f"fractions[{name!r}]", value, 0.0, 1.0, "mass fraction")
+    total = sum(out.values())
+    if abs(total - 1.0) > 1e-3:
+        raise SimInputError(f"fractions: must sum to 1, got {total:.6g} ({dict(fractions)})")
+    return {k: v / total for k, v in out.items()}
+
+
+def _check_n_solvent(n_solvent: Any) -> tuple[int, int]:
+    pair = (n_solvent, n_solvent) if isinstance(n_solvent, int) else n_solvent
+    ok = (
+        isinstance(pair, tuple | list) and len(pair) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+        and 2 <= pair[0] <= pair[1] <= 200
+    )  # fmt: skip
+    if not ok:
+        raise SimInputError(
+            f"n_solvent: an integer or a range (lo, hi) with 2 <= lo <= hi <= 200, "
+            f"got {n_solvent!r}"
+        )
+    return int(pair[0]), int(pair[1])
 
 
 def active_learn(

@@ -7,6 +7,7 @@ and stops that server.
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -59,12 +60,37 @@ def test_demo_makes_two_electrolytes_cycles_a_cell_and_stores_it_all(tmp_path: P
 
         loop = re.search(r"Campaign (\S+-dmta): 4 experiments in 2 batches", out)
         assert loop, out[-2000:]
+        # sim_backend's dry test of the best candidate (2 replicas x 300 steps, CPU).
+        head = re.search(r"^  dry test of (\S+-E\d{3}) \(.*\): box Li\+ (\d+), PF6- (\d+), "
+                         r".*\((\d+) atoms, ([\d.]+) g/cm3.*2 x 300 steps at 298.15 K, "
+                         r"([\d.]+) s$", out, re.MULTILINE)  # fmt: skip
+        assert head, out[-3000:]
+        assert head[2] == head[3] and 100 < int(head[4]) < 300 and 1.0 < float(head[5]) < 1.6
+        assert float(head[6]) < 120.0  # the dry test: ~15 s on an idle 2-core box, 63 s loaded
+        stable = re.search(r"^    stable replicas (\d)/2 \(mean T (\d+|-) K\)$", out, re.MULTILINE)
+        assert stable, out[-3000:]
+        d = dict(re.findall(r"^    D (\S+) +([\d.e+-]+) \+- [\d.e+-]+ m2/s$", out, re.MULTILINE))
+        if int(stable[1]) == 0:  # every replica stopped by the monitor: no properties
+            assert not d
+        else:
+            assert {"Li+", "PF6-", "EC"} <= set(d) or {"Li+", "PF6-", "DMC"} <= set(d), d
+            assert all(math.isfinite(float(v)) and 1e-11 < float(v) < 1e-6 for v in d.values())
+            cn = re.search(r"^    Li-O coordination ([\d.]+) \+- ([\d.]+)", out, re.MULTILINE)
+            ne = re.search(r"^    Nernst-Einstein conductivity ([\d.e+-]+) \+- ([\d.e+-]+) "
+                           r"mS/cm$", out, re.MULTILINE)  # fmt: skip
+            assert cn and ne, out[-3000:]
+            assert all(math.isfinite(float(x)) for x in (*cn.groups(), *ne.groups()))
+            assert 0.0 <= float(cn[1]) < 8.0 and float(ne[1]) > 0
         assert (data / "demo" / loop[1] / "report.html").stat().st_size > 10_000
 
         with open_store(DataConfig(directory=data)) as store:
             dmta = store.runs(campaign=loop[1])
             assert sorted(r.plan_name for r in dmta) == [
-                "campaign_batch"] * 2 + ["prepare_and_measure"] * 4  # fmt: skip
+                "campaign_batch"] * 2 + ["prepare_and_measure"] * 4 + ["sim_dry_test"]  # fmt: skip
+            (dry,) = [r for r in dmta if r.plan_name == "sim_dry_test"]
+            assert dry.sample_id == head[1]
+            row = store.read(dry.uid, "dry_test").iloc[0]
+            assert row["n_replicas"] == 2 and row["n_stable"] == int(stable[1])
             assert {r.exit_status for r in dmta} == {"success"}
             runs = store.runs(campaign=campaign[1])
             assert sorted(r.plan_name for r in runs) == [

@@ -62,6 +62,18 @@ def _plots(state: CampaignState, out: Path) -> list[Path]:
     return paths
 
 
+def _dry_tests_html(state: CampaignState) -> str:
+    """The campaign's sim_backend dry tests (labctl.campaign.dry_test), as text lines."""
+    from labctl.campaign.dry_test import describe
+
+    if not state.dry_tests:
+        return ""
+    blocks = "".join(
+        f"<pre>{html.escape(chr(10).join(describe(t)))}</pre>" for t in state.dry_tests
+    )
+    return f"<h2>Dry tests (sim_backend MD; not seen by the optimizer)</h2>{blocks}"
+
+
 def write_report(state: CampaignState, out: Path) -> list[Path]:
     """Write the plots and ``report.html`` into ``out``; the files written."""
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +116,7 @@ td,th{{border-bottom:1px solid #ddd;padding:3px 8px;font-size:90%}}</style></hea
 {images}
 <table><tr><th>experiment</th><th>batch</th><th>source</th><th>target</th><th>measured</th>
 <th>mS/cm</th><th>runs</th><th>failures</th></tr>
-{"".join(rows)}</table></body></html>
+{"".join(rows)}</table>{_dry_tests_html(state)}</body></html>
 """
     page_path = out / "report.html"
     page_path.write_text(page)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from labctl.campaign.dry_test import DRY_TEST_PLAN, DryTestConfig
 from labctl.campaign.space import SOLVENTS, DesignSpace, Formulation
 
 if TYPE_CHECKING:
@@ -78,6 +79,9 @@ class CampaignConfig(BaseModel):
         description="stop the campaign after this many given-up experiments",
     )
     speed: float = Field(default=500.0, gt=0, le=10_000, description="simulated lab speed")
+    dry_test: DryTestConfig = Field(
+        default_factory=DryTestConfig, description="sim_backend dry tests (off by default)"
+    )
 
     @field_validator("campaign_id")
     @classmethod
@@ -178,6 +182,9 @@ class CampaignState:
     experiments: list[Experiment]
     batches: int
     config: dict[str, Any] | None  # as the first batch recorded it
+    dry_tests: list[dict[str, Any]] = field(default_factory=list)
+    """sim_backend dry tests, oldest first: uid, experiment, exit_status, reason,
+    formulation, result (None when it failed or is incomplete)."""
 
     def done(self) -> list[Experiment]:
         return [e for e in self.experiments if e.done]
@@ -240,8 +247,18 @@ def read_state(
             if s.uid not in cache:
                 cache[s.uid] = _measured(store, s.uid, objective_c) | {"time": s.time}
             exp.measured = dict(cache[s.uid])
+    dry_tests = []
+    for s in sorted(summaries, key=lambda s: s.time):
+        if s.plan_name != DRY_TEST_PLAN:
+            continue
+        if s.uid not in cache or s.exit_status == "incomplete":
+            cache[s.uid] = store.run(s.uid).start
+        start = cache[s.uid]
+        dry_tests.append({"uid": s.uid, "experiment": s.sample_id, "exit_status": s.exit_status,
+                          "reason": s.reason, "formulation": start.get("formulation"),
+                          "result": start.get("result")})  # fmt: skip
     ordered = sorted(experiments.values(), key=lambda e: e.id)
-    return CampaignState(campaign_id, ordered, batches, config)
+    return CampaignState(campaign_id, ordered, batches, config, dry_tests)
 
 
 def _measured(store: Store, uid: str, objective_c: float) -> dict[str, Any]:
@@ -290,6 +307,7 @@ class CampaignResult:
             "failed": skipped,
             "batches": self.state.batches,
             "models": self.models,
+            "dry_tests": self.state.dry_tests,
         }  # fmt: skip
 
 
@@ -439,6 +457,53 @@ class Campaign:
             except Exception as exc:
                 raise RuntimeError(f"cannot clear {vid} from {station}: {exc}") from exc
 
+    def dry_test(self, exp: Experiment, formulation: dict[str, Any]) -> None:
+        """Run sim_backend's dry test of ``formulation`` (fractions, salt_molality) and
+        record it as a run of its own; a failure is recorded, never raised."""
+        from labctl.campaign.dry_test import record_dry_test, run_dry_test
+
+        cfg = self.config.dry_test
+        fr = {k: float(v) for k, v in formulation["fractions"].items() if v > 0}
+        molality = float(formulation["salt_molality"])
+        self.say(f"  dry test of {exp.id} (sim_backend, {cfg.replicas} x {cfg.steps} steps)")
+        result, error = None, None
+        try:
+            result = run_dry_test(fr, molality, cfg, self.config.space.temperature_c)
+        except ImportError as exc:
+            error = f"sim_backend is not installed (pip install -e '.[sim]'): {exc}"
+        except Exception as exc:  # a cheap extra: recorded, the campaign goes on
+            error = f"{type(exc).__name__}: {exc}"
+        md = {"campaign_id": self.config.id, "sample_id": exp.id, "batch": exp.batch,
+              "formulation": {"fractions": fr, "salt_molality": molality},
+              "dry_test_config": cfg.model_dump(mode="json")}  # fmt: skip
+        self.RE(record_dry_test(md, result, error))
+        self.new_runs += 1
+        if result is None:
+            self.say(f"    failed: {error}")
+        else:
+            self.say(f"    {result['n_stable']}/{result['n_replicas']} replicas stable, "
+                     f"{result['wall_s']:.1f} s")  # fmt: skip
+
+    def dry_tests(self, state: CampaignState) -> CampaignState:
+        """The dry tests ``config.dry_test.on`` asks for and Tiled does not hold yet (an
+        experiment with a finished dry test run, even a failed one, is not tested again;
+        one whose run was cut short is)."""
+        cfg = self.config.dry_test
+        if not cfg.enabled:
+            return state
+        have = {t["experiment"] for t in state.dry_tests if t["exit_status"] != "incomplete"}
+        if cfg.on == "best":
+            best = state.best()
+            todo = [(best, best.measured)] if best is not None and best.measured else []
+        else:
+            todo = [(e, e.target.model_dump()) for e in state.experiments]
+        ran = False
+        for exp, formulation in todo:
+            if exp.id not in have:
+                self.dry_test(exp, formulation)
+                ran = True
+        return self.state() if ran else state
+
     def update_models(self) -> None:
         if not (self.config.update_models and self.config.optimizer == "bo"):
             return
@@ -500,11 +565,14 @@ class Campaign:
                 self.RE(record_batch(md))
                 state = self.state()
                 continue
+            if cfg.dry_test.on == "suggestions":
+                state = self.dry_tests(state)
             for exp in todo[:remaining]:
                 self.make_and_measure(exp)
             state = self.state()
             if not [e for e in state.experiments if e.state(cfg) == "todo"]:
                 self.update_models()
+        state = self.dry_tests(state)
         return CampaignResult(state, self.new_runs, self.model_log)
 
 

@@ -1,7 +1,7 @@
 """`labctl sim`: the machine-learned potential and batched MD of sim_backend.
 
     labctl sim label DIR [--recipe default|tiny|FILE.json]     GFN2-xTB labels (resumable)
-    labctl sim train DATA.xyz --out MODEL.pt [--epochs N]        train the potential
+    labctl sim train DATA.xyz --out MODEL.pt [--kind mace]       train the potential
     labctl sim md --system EC=32 [--system Li+=1 ...] [--json]   dry test of an electrolyte
     labctl sim active-learn DATA.xyz --out DIR [--iterations N]  committee + xTB (DP-GEN)
 
@@ -66,6 +66,9 @@ def train_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     hyper: Annotated[str, typer.Option(help="JSON of hyper-parameters to override.")] = "{}",
     checkpoint: Annotated[Path | None, typer.Option(help="Resumable checkpoint file.")] = None,
+    kind: Annotated[
+        str, typer.Option(help="Model family: moment-mlp, or mace (needs the sim-peers extra).")
+    ] = "moment-mlp",
 ) -> None:
     """Train the potential (energy + force loss, early stopping on validation) and print
     the held-out energy and force errors against GFN2-xTB."""
@@ -75,8 +78,9 @@ def train_cmd(
     try:
         extra: dict[str, Any] = json.loads(hyper)
         metrics = train_model(
-            data, out, epochs=epochs, seed=seed, hyper=extra, checkpoint=checkpoint, say=_say
-        )
+            data, out, epochs=epochs, seed=seed, hyper=extra, checkpoint=checkpoint, say=_say,
+            kind=kind,
+        )  # fmt: skip
     except (SimError, ValueError) as exc:
         raise _fail(exc) from None
     print(json.dumps(metrics, indent=1, default=str))
