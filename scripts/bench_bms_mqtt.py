@@ -1,6 +1,6 @@
 """End-to-end throughput and latency of ``edge-bms run`` through a real MQTT broker.
 
-    .venv/bin/python scripts/bench_bms_mqtt.py [--broker mqtt://127.0.0.1:1883]
+    .venv/bin/python scripts/bench_bms_mqtt.py [--broker shipped|mqtt://127.0.0.1:1883]
         [--packs 100] [--cells 96 200] [--rates 1 2] [--seconds 20] [--correction default]
         [--phases spread synced] [--warmup 3]
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import socket
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +279,12 @@ async def main_async(args: Any) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    parser.add_argument(
+        "--broker",
+        default="shipped",
+        help="'shipped': a private Mosquitto with deploy/mosquitto's settings (TCP_NODELAY); "
+        "or a URL, e.g. mqtt://127.0.0.1:1883 for the machine's Mosquitto as configured",
+    )
     parser.add_argument("--packs", type=int, default=100)
     parser.add_argument("--cells", type=int, nargs="+", default=[96, 200])
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0])
@@ -300,10 +307,60 @@ def main() -> None:
         "clocks); synced: every pack on the same tick (one master polling all: the worst case)",
     )
     args = parser.parse_args()
+    if args.broker == "shipped":
+        with shipped_broker() as port:
+            args.host, args.port = "127.0.0.1", port
+            print("broker: a private Mosquitto with deploy/mosquitto/mosquitto.conf's settings")
+            asyncio.run(main_async(args))
+        return
     hostport = args.broker.split("://", 1)[-1]
     args.host, _, port = hostport.partition(":")
     args.port = int(port or 1883)
+    print(f"broker: {args.broker} (as it is configured)")
     asyncio.run(main_async(args))
+
+
+SHIPPED_CONF = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
+# What a private benchmark broker leaves out of the shipped config: its listener, the
+# password file and ACL (files under /etc), persistence (a directory under /var).
+_PRIVATE_SKIP = ("listener", "per_listener_settings", "allow_anonymous", "password_file",
+                 "acl_file", "persistence", "autosave_interval", "log_dest")  # fmt: skip
+
+
+@contextlib.contextmanager
+def shipped_broker() -> Iterator[int]:
+    """A Mosquitto on a free port with the shipped config's broker settings (anonymous,
+    no persistence); yields its port."""
+    lines = [
+        ln
+        for ln in SHIPPED_CONF.read_text().splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#") and not ln.startswith(_PRIVATE_SKIP)
+    ]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mosquitto-"))
+    conf = tmp / "mosquitto.conf"
+    extra = ["user root"] if os.geteuid() == 0 else []
+    conf.write_text("\n".join([f"listener {port} 127.0.0.1", "allow_anonymous true",
+                               *extra, *lines]) + "\n")  # fmt: skip
+    proc = subprocess.Popen(
+        ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"mosquitto did not start with {conf}") from None
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 if __name__ == "__main__":
