@@ -143,7 +143,7 @@ def solvent_box(
 ) -> Any:
     """A periodic box of ``composition`` (e.g. {"EC": 24, "Li+": 1, "PF6-": 1}) at
     ``density`` (default: :func:`solution_density`)."""
-    from sim_backend.chem.build import parse_composition
+    from sim_backend.chem.build import pack_box, parse_composition
 
     comp = parse_composition(composition)
     if density is None:
@@ -204,22 +204,6 @@ def dry_test(
 MOLALITY_SCALE = 2.0
 #: Default range of solvent molecules in a formulation box (~300-450 atoms with the ions).
 N_SOLVENT = (24, 32)
-#: Packing of a formulation box (:func:`pack_box`): two atoms of different molecules
-#: stay at least ``PACK_CONTACT_SCALE`` x their covalent-bond cutoff apart (the stability
-#: monitor's 1.2 x (r_i + r_j), which takes its reference bonds from the packed box: a
-#: closer contact would become a false bond that breaks, and the replica would be
-#: stopped as unstable), and never closer than ``PACK_MIN_DISTANCE`` Å.
-PACK_CONTACT_SCALE = 1.15
-#: After packing, molecules are pushed apart to this intermolecular distance (Å; Packmol
-#: uses 2.0) and Li+ to RELAX_DISTANCE_LI from anything (its Li-O shell is ~1.9-2.0 Å).
-RELAX_DISTANCE = 1.9
-RELAX_DISTANCE_LI = 1.75
-RELAX_MAX_STEP = 0.2  # Å per molecule per iteration
-PACK_MIN_DISTANCE = 1.3
-#: Each molecule gets this many random poses (tried 64 at a time) before the packing
-#: restarts (``PACK_RESTARTS`` times, then the thresholds shrink by 5 %, down to 85 %).
-PACK_TRIES = 2048
-PACK_RESTARTS = 3
 
 
 def formulation_composition(
@@ -314,140 +298,11 @@ def formulation_box(
     if isinstance(rho, bool) or not (isinstance(rho, int | float) and 0.3 <= rho <= 3.0):
         raise SimInputError(f"density: must be within 0.3..3.0 g/cm3, got {density!r}")
     t0 = time.perf_counter()
+    from sim_backend.chem.build import pack_box
+
     box = pack_box(comp["counts"], density=float(rho), seed=seed)
     box.info.update(formulation=comp, density_g_cm3=float(rho), pack_s=time.perf_counter() - t0)
     return box
-
-
-def pack_box(composition: Mapping[str, int], *, density: float, seed: int = 0) -> Any:
-    """Pack ``composition`` into a cubic periodic box at ``density`` (g/cm^3), fast and
-    without false bonds: like ``sim_backend.chem.build.build_box`` (same molecules, same
-    order, same ``info`` and ``mol_id``), but with an element-pair distance (see
-    :data:`PACK_CONTACT_SCALE`) instead of one ``min_distance``, and poses tried in
-    vectorised batches. ``build_box`` with its 1.9 Å can take minutes at liquid density;
-    a lower single distance lets carbon and oxygen atoms of two molecules touch closer
-    than a C-O bond cutoff. ``info["pack_scale"]`` says how far the thresholds shrank."""
-    import numpy as np
-    from ase.data import covalent_radii
-    from scipy.spatial import cKDTree  # type: ignore[import-untyped]
-
-    from sim_backend.chem.build import (
-        AMU_PER_A3_TO_G_PER_CM3,
-        _assemble,
-        _molecules,
-        parse_composition,
-        random_rotation,
-    )
-
-    comp = parse_composition(composition)
-    rng = np.random.default_rng(seed)
-    mols = _molecules(comp, seed)
-    mass = sum(float(m.get_masses().sum()) for _, m in mols)
-    length = float((mass / (density / AMU_PER_A3_TO_G_PER_CM3)) ** (1 / 3))
-    zmax = 1 + max(int(m.numbers.max()) for _, m in mols)
-    r = covalent_radii[:zmax]
-    base = np.maximum(PACK_CONTACT_SCALE * 1.2 * (r[:, None] + r[None, :]), PACK_MIN_DISTANCE)
-    batch, k_near = 64, 24
-    for scale in (1.0, 0.95, 0.9, 0.85):
-        thr2 = (scale * base) ** 2
-        for _ in range(PACK_RESTARTS):
-            placed: list[tuple[str, Any, Any]] = []
-            others = np.zeros((0, 3))
-            oz = np.zeros(0, dtype=int)
-            for name, mol in mols:
-                local = mol.positions - mol.positions.mean(0)
-                tree = cKDTree(others % length, boxsize=length) if len(others) else None
-                reach = float(np.sqrt(thr2[mol.numbers].max()))
-                pos = None
-                for _ in range(PACK_TRIES // batch):
-                    rot = np.stack([random_rotation(rng) for _ in range(batch)])
-                    cand = np.einsum("ij,bkj->bik", local, rot) + rng.random((batch, 1, 3)) * length
-                    if tree is None:
-                        pos = cand[0]
-                        break
-                    ok = _poses_clear(tree, cand % length, mol.numbers, oz, thr2, reach, k_near)
-                    if ok.any():
-                        pos = cand[int(np.argmax(ok))]
-                        break
-                if pos is None:
-                    break
-                placed.append((name, pos, mol))
-                others = np.concatenate([others, pos])
-                oz = np.concatenate([oz, mol.numbers])
-            if len(placed) == len(mols):
-                atoms = _assemble(placed, comp, seed)
-                atoms.cell = np.eye(3) * length
-                atoms.pbc = True
-                atoms.wrap()  # type: ignore[no-untyped-call]
-                gap = _push_apart(atoms)
-                atoms.info.update(config="box", pack_scale=scale, min_distance_A=gap)
-                return atoms
-    raise SimInputError(
-        f"density: could not pack {dict(comp)} at {density:.3f} g/cm3 ({length:.1f} Å box) "
-        "even with the contact distances at 85 %; lower the density"
-    )
-
-
-def _push_apart(atoms: Any, iterations: int = 300) -> float:
-    """Move whole molecules (rigid translations) until atoms of different molecules are
-    at least :data:`RELAX_DISTANCE` apart (:data:`RELAX_DISTANCE_LI` for Li+), like
-    Packmol's tolerance; returns the smallest intermolecular distance left. The box is
-    the cubic one :func:`pack_box` makes.
-
-    Random insertion at liquid density only finds room down to ~1.3 Å contacts; MD
-    from there puts the potential far outside its training data (H...H at 1.3 Å) and
-    blows bonds within tens of femtoseconds, while insertion at 1.9 Å takes minutes."""
-    import numpy as np
-    from scipy.spatial import cKDTree
-
-    length = float(atoms.cell[0, 0])
-    mol = np.asarray(atoms.arrays["mol_id"])
-    is_li = atoms.numbers == 3
-    n_mol = int(mol.max()) + 1
-    pos = atoms.positions % length
-    d_min = float("inf")
-    for _ in range(iterations):
-        pairs = cKDTree(pos, boxsize=length).query_pairs(RELAX_DISTANCE, output_type="ndarray")
-        i, j = pairs[:, 0], pairs[:, 1]
-        inter = mol[i] != mol[j]
-        i, j = i[inter], j[inter]
-        vec = pos[j] - pos[i]
-        vec -= length * np.round(vec / length)  # minimum image
-        d = np.linalg.norm(vec, axis=1)
-        d_min = float(d.min()) if d.size else RELAX_DISTANCE
-        target = np.where(is_li[i] | is_li[j], RELAX_DISTANCE_LI, RELAX_DISTANCE)
-        short = d < target
-        if not short.any():
-            break
-        push = (0.5 * (target - d) / np.maximum(d, 1e-6))[short, None] * vec[short]
-        move = np.zeros((n_mol, 3))
-        np.add.at(move, mol[j[short]], push)
-        np.add.at(move, mol[i[short]], -push)
-        step = np.linalg.norm(move, axis=1, keepdims=True)
-        move *= np.minimum(1.0, RELAX_MAX_STEP / np.maximum(step, 1e-12))
-        pos = (pos + move[mol]) % length
-    atoms.positions = pos
-    return d_min
-
-
-def _poses_clear(
-    tree: Any, cand: Any, z: Any, oz: Any, thr2: Any, reach: float, k_near: int
-) -> Any:
-    """Which of the candidate poses ``cand`` [B, m, 3] (wrapped into the box) keep every
-    atom at least its element-pair distance (``thr2``, squared) from the placed atoms of
-    ``tree`` (elements ``oz``). The ``k_near`` nearest within ``reach`` are checked; a
-    pose with more than that many atoms within reach is crowded: rejected."""
-    import numpy as np
-
-    b, m, _ = cand.shape
-    d, idx = tree.query(cand.reshape(-1, 3), k=k_near, distance_upper_bound=reach)
-    near = np.isfinite(d)
-    zo = oz[np.where(near, idx, 0)]
-    lim = thr2[np.repeat(z[None], b, 0).reshape(-1)[:, None], zo]
-    bad = near & (d * d < lim)
-    bad[:, -1] |= near[:, -1]  # all k within reach: too crowded to judge, reject
-    out: Any = ~bad.reshape(b, m * k_near).any(axis=1)
-    return out
 
 
 def formulation_dry_test(
