@@ -70,17 +70,17 @@ def test_demo_makes_two_electrolytes_cycles_a_cell_and_stores_it_all(tmp_path: P
         stable = re.search(r"^    stable replicas (\d)/2 \(mean T (\d+|-) K\)$", out, re.MULTILINE)
         assert stable, out[-3000:]
         d = dict(re.findall(r"^    D (\S+) +([\d.e+-]+) \+- [\d.e+-]+ m2/s$", out, re.MULTILINE))
-        if int(stable[1]) == 0:  # every replica stopped by the monitor: no properties
-            assert not d
-        else:
-            assert {"Li+", "PF6-", "EC"} <= set(d) or {"Li+", "PF6-", "DMC"} <= set(d), d
-            assert all(math.isfinite(float(v)) and 1e-11 < float(v) < 1e-6 for v in d.values())
-            cn = re.search(r"^    Li-O coordination ([\d.]+) \+- ([\d.]+)", out, re.MULTILINE)
-            ne = re.search(r"^    Nernst-Einstein conductivity ([\d.e+-]+) \+- ([\d.e+-]+) "
-                           r"mS/cm$", out, re.MULTILINE)  # fmt: skip
-            assert cn and ne, out[-3000:]
-            assert all(math.isfinite(float(x)) for x in (*cn.groups(), *ne.groups()))
-            assert 0.0 <= float(cn[1]) < 8.0 and float(ne[1]) > 0
+        # The salt box loses a replica now and then (the model has seen few ion-solvent
+        # contacts in the liquid), never both: the packing leaves no false bonds.
+        assert int(stable[1]) >= 1, out[-3000:]
+        assert {"Li+", "PF6-", "EC"} <= set(d) or {"Li+", "PF6-", "DMC"} <= set(d), d
+        assert all(math.isfinite(float(v)) and 1e-11 < float(v) < 1e-6 for v in d.values())
+        cn = re.search(r"^    Li-O coordination ([\d.]+) \+- ([\d.]+)", out, re.MULTILINE)
+        ne = re.search(r"^    Nernst-Einstein conductivity ([\d.e+-]+) \+- ([\d.e+-]+) "
+                       r"mS/cm$", out, re.MULTILINE)  # fmt: skip
+        assert cn and ne, out[-3000:]
+        assert all(math.isfinite(float(x)) for x in (*cn.groups(), *ne.groups()))
+        assert 0.0 <= float(cn[1]) < 8.0 and float(ne[1]) > 0
         assert (data / "demo" / loop[1] / "report.html").stat().st_size > 10_000
 
         with open_store(DataConfig(directory=data)) as store:
