@@ -271,7 +271,8 @@ class CellModel:
         Bilinear interpolation is exactly this polynomial inside one patch, so a lookup
         becomes one gather and a few multiply-adds instead of two weight computations
         and four gathers. Shape [n_patches, 4 * len(ROWS)] (patch-major: one contiguous
-        row per patch is the fastest gather), coefficient blocks c0, c1, c2, c3.
+        row per patch is the fastest gather), coefficient blocks c0, c2, c1, c3 (the two
+        multiplied by s side by side: one product for both).
         """
         gs, gt = self.soc, self.temperature_c
         tab = self.tables[..., [0, 1, 2, 4, 3, 5]]  # TABLES order -> ROWS order (no slope)
@@ -294,8 +295,8 @@ class CellModel:
         zero = np.zeros_like(c0[..., :1])
         blocks = [
             np.concatenate([c0, c1[..., :1]], axis=-1),
-            np.concatenate([c1, zero], axis=-1),
             np.concatenate([c2, c3[..., :1]], axis=-1),
+            np.concatenate([c1, zero], axis=-1),
             np.concatenate([c3, zero], axis=-1),
         ]
         coef = np.concatenate(blocks, axis=-1)  # [n_t-1, n_soc-1, 4 * 7]
@@ -334,11 +335,18 @@ class CellModel:
         m = len(ROWS)
         g = coef.take(i, axis=0)  # [*shape, 4 * m]
         # [4 * m, *shape] with contiguous rows: the multiply-adds below run 2x faster
-        g = g.T.copy() if g.ndim == 2 else np.moveaxis(g, -1, 0).copy()
-        out = g[3 * m :] * s
-        out += g[2 * m : 3 * m]
+        if g.ndim == 2:
+            g = g.T.copy()
+        elif g.ndim == 3:  # the UKF's [3, n] (transpose: no np.moveaxis wrapper)
+            g = g.transpose(2, 0, 1).copy()
+        else:
+            g = np.moveaxis(g, -1, 0).copy()
+        # ((c3 s + c2) t + c1 s) + c0, with c1 s and c3 s from one product
+        cs = g[2 * m :] * s
+        out = cs[m:]
+        out += g[m : 2 * m]
         out *= t
-        out += g[m : 2 * m] * s
+        out += cs[:m]
         out += g[:m]
         return out
 

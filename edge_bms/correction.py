@@ -92,6 +92,14 @@ def _alpha(dt_s: float) -> FloatArray:
     return a
 
 
+@functools.lru_cache(maxsize=64)
+def _alpha_col(dt_s: float) -> FloatArray:
+    """:func:`_alpha` as a [3, 1] column (averages stored [3, n])."""
+    a: FloatArray = _alpha(dt_s)[:, None].copy()
+    a.flags.writeable = False
+    return a
+
+
 def features(
     soc: FloatArray, temperature_c: FloatArray, current_a: FloatArray, ema: FloatArray
 ) -> npt.NDArray[np.float32]:
@@ -167,20 +175,78 @@ class VoltageCorrectionNet:
             )
 
         self._ema: FloatArray | None = None
+        self._io: _IoBuffers | None = None
+        self._ort = ort
 
     # -- the estimator's VoltageCorrection protocol ----------------------------------------
     def features(self, inputs: CorrectionInputs) -> npt.NDArray[np.float32]:
-        """This step's feature rows; updates the current's moving averages (kept here)."""
+        """This step's feature rows; updates the current's moving averages (kept here).
+
+        The rows are written into a buffer of this object that the next call reuses (the
+        network reads it in place): copy them to keep them past the next step.
+        """
         i = np.asarray(inputs.current_a, dtype=float)
-        if self._ema is None or self._ema.shape[0] != i.shape[0]:
+        n = i.shape[0]
+        io = self._buffers(n)
+        ema_t = io.ema_t  # [3, n]: the averages with cells along rows (faster arithmetic)
+        ema = self._ema
+        if ema is None or ema.shape[0] != n:
             # A fresh start: the history is unknown, so the averages start at this current.
-            self._ema = np.repeat(i[:, None], len(EMA_TAUS_S), axis=1)
+            ema_t[...] = i
         else:
-            self._ema = ema_step(self._ema, i, inputs.dt_s)
-        return features(inputs.soc, inputs.temp_c, i, self._ema)
+            if ema is not io.ema:  # set elsewhere (load_state_dict): take it over
+                ema_t[...] = ema.T
+            # ema_step's arithmetic, in place
+            dt_s = inputs.dt_s
+            if isinstance(dt_s, float | int):
+                alpha = _alpha_col(float(dt_s))
+            else:
+                a = -np.expm1(-np.asarray(dt_s, dtype=float)[..., None] / _TAUS)
+                alpha = a.T if a.ndim == 2 else a[:, None]  # per cell [n, 3], or [3]
+            d = i - ema_t
+            d *= alpha
+            ema_t += d
+        self._ema = io.ema
+        out = io.x
+        out[:, 0] = inputs.soc
+        out[:, 1] = inputs.temp_c
+        out[:, 2] = i
+        out[:, 3:] = io.ema
+        return out
 
     def predict(self, x: npt.NDArray[np.float32]) -> CorrectionOutput:
         """Per cell: voltage correction, measurement variance, and whether it applied."""
+        if not (
+            isinstance(x, np.ndarray)
+            and x.dtype == np.float32
+            and x.ndim == 2
+            and x.shape[1] == len(FEATURES)
+        ):
+            return self._predict_plain(x)
+        io = self._buffers(x.shape[0])
+        if x is not io.x:
+            np.copyto(io.x, x)
+        # the range check on the flat rows against bounds tiled to match (a [n, 6] compare
+        # would loop over rows of 6); all in range is the usual step
+        np.greater_equal(io.x_flat, io.lo_flat, out=io.cmp[0])
+        np.less_equal(io.x_flat, io.hi_flat, out=io.cmp[1])
+        ok: BoolArray = io.all_ok
+        if not io.cmp.all():
+            both = io.cmp[0] & io.cmp[1]
+            ok = cast(BoolArray, both.reshape(-1, len(FEATURES)).all(axis=1))
+        self.session.run_with_iobinding(io.binding)  # writes io.out: [2, n, 1] float32
+        out = io.out.astype(np.float64)
+        dv64, var = out[0, :, 0], out[1, :, 0]
+        np.exp(var, out=var)
+        np.maximum(var, self.r_floor_v2, out=var)
+        if self.r_inflation != 1.0:
+            var *= self.r_inflation
+        if ok is io.all_ok:  # the usual step: no masking to do
+            return CorrectionOutput(dv64, var, ok)
+        return CorrectionOutput(np.where(ok, dv64, 0.0), np.where(ok, var, np.nan), ok)
+
+    def _predict_plain(self, x: npt.NDArray[np.float32]) -> CorrectionOutput:
+        """:meth:`predict` for any input onnxruntime takes (no preallocated buffers)."""
         ok = self.in_range(x)
         dv, log_var = self.session.run(self.output_names, {self.input_name: x})
         var = np.exp(log_var[:, 0].astype(np.float64))
@@ -195,6 +261,14 @@ class VoltageCorrectionNet:
         ok: BoolArray = np.all((x >= self.lo) & (x <= self.hi), axis=1)
         return ok
 
+    def _buffers(self, n: int) -> _IoBuffers:
+        """The feature, range-check and output buffers of an n-cell pack, with the
+        session's io binding to them (made at the first step and when n changes)."""
+        io = self._io
+        if io is None or io.x.shape[0] != n:
+            io = self._io = _IoBuffers(self, n)
+        return io
+
     def state_dict(self) -> dict[str, Any]:
         """The moving averages (JSON-able), for the estimator's checkpoint."""
         return {"version": self.version, "ema": None if self._ema is None else self._ema.tolist()}
@@ -202,6 +276,36 @@ class VoltageCorrectionNet:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ema = state.get("ema")
         self._ema = None if ema is None else np.asarray(ema, dtype=float).reshape(-1, 3)
+
+
+class _IoBuffers:
+    """Preallocated arrays of one pack size and an onnxruntime io binding to them: a step
+    then runs the session without building feeds or allocating its outputs."""
+
+    def __init__(self, net: VoltageCorrectionNet, n: int) -> None:
+        m = len(FEATURES)
+        self.x = np.zeros((n, m), dtype=np.float32)
+        self.x_flat = self.x.reshape(-1)  # a view
+        self.lo_flat = np.tile(net.lo, n)
+        self.hi_flat = np.tile(net.hi, n)
+        self.cmp = np.empty((2, n * m), dtype=bool)
+        self.out = np.empty((2, n, 1), dtype=np.float32)  # dv_v, log_var
+        self.ema_t = np.zeros((len(EMA_TAUS_S), n))
+        self.ema = self.ema_t.T  # [n, 3] view: the net's _ema while it uses these buffers
+        all_ok = np.ones(n, dtype=bool)
+        all_ok.flags.writeable = False  # shared by every step where all cells are in range
+        self.all_ok = all_ok
+        ort = net._ort
+        # the OrtValues share these arrays' memory (CPU); they are kept alive here
+        self._values = [
+            ort.OrtValue.ortvalue_from_numpy(self.x),
+            ort.OrtValue.ortvalue_from_numpy(self.out[0]),
+            ort.OrtValue.ortvalue_from_numpy(self.out[1]),
+        ]
+        self.binding = net.session.io_binding()
+        self.binding.bind_ortvalue_input(net.input_name, self._values[0])
+        self.binding.bind_ortvalue_output("dv_v", self._values[1])
+        self.binding.bind_ortvalue_output("log_var", self._values[2])
 
 
 def _sha256(data: bytes) -> str:

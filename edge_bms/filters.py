@@ -116,6 +116,10 @@ class EkfSettings(BaseModel):
     max_iterations: int = Field(default=4, ge=0, le=20)
 
 
+_EKF_DEFAULT = EkfSettings()
+_UKF_DEFAULT = UkfSettings()
+
+
 @dataclass(frozen=True, slots=True)
 class FilterState:
     """Estimates of n cells. Arrays are never modified in place by the step functions.
@@ -182,38 +186,53 @@ def _predict(
     dt: ArrayOrFloat,
     noise: FilterNoise,
     capacity_ah: ArrayOrFloat | None,
-) -> tuple[FloatArray, FloatArray]:
-    """The SOC prior and the predicted p00 (both need no table lookup)."""
-    k = np.divide(dt, 3600.0 * (model.capacity_ah if capacity_ah is None else capacity_ah))
-    soc = state.x[0] - k * state.current_a
+    x: FloatArray,
+    p: FloatArray,
+) -> None:
+    """The SOC prior into ``x[0]`` and the predicted p00 into ``p[0]`` (both need no table
+    lookup; ``x`` [3, n] and ``p`` [6, n] are the new prior's arrays)."""
+    q = model.capacity_ah if capacity_ah is None else capacity_ah
+    if isinstance(dt, float | int) and isinstance(q, float | int):
+        k: Any = dt / (3600.0 * q)  # what np.divide gives, without its call
+    else:
+        k = np.divide(dt, 3600.0 * q)
+    i = state.current_a
+    # a series string's 0-d current as a float: a Python product, not a numpy call
+    np.subtract(state.x[0], k * (float(i) if np.ndim(i) == 0 else i), out=x[0])
     q0 = noise.soc_per_sqrt_s**2 * dt
     if noise.current_a > 0:
         q0 = q0 + np.square(k * noise.current_a)
-    return soc, state.p[0] + q0
+    np.add(state.p[0], q0, out=p[0])
 
 
 def _predict_rc(
-    rows: FloatArray, state: FilterState, dt: ArrayOrFloat, noise: FilterNoise, p00: FloatArray
-) -> tuple[FloatArray, FloatArray]:
-    """RC voltages and the covariance prior, given the parameter rows at the SOC prior.
+    rows: FloatArray, state: FilterState, dt: ArrayOrFloat, noise: FilterNoise, p: FloatArray
+) -> FloatArray:
+    """RC voltages and the covariance prior, given the parameter rows at the SOC prior:
+    ``p[1:]`` is written (``p[0]`` is :func:`_predict`'s); returns ``a`` [2, n].
 
     A = diag(1, a1, a2), Q = diag(q0, q1, q2): P' = A P A^T + Q element by element.
     """
-    a = np.exp(np.divide(-dt, rows[4:6]))  # [2, n]: a1, a2
-    ri = rows[2:4] * state.current_a  # R_j i_{k-1}
-    v = state.x[1:3] - ri
-    v *= a
-    v += ri  # a v + R (1 - a) i
-    p = state.p.copy()
-    p[0] = p00
-    p[1:3] *= a  # p01, p02
-    aa = a * a
-    p[3] *= aa[0]  # p11
+    # the factors of p01, p02, p11, p12, p22 stacked (a1, a2, a1 a1, a1 a2, a2 a2): one
+    # [5, n] product scales them all
+    f = np.empty((5, p.shape[1]))
+    a = f[0:2]
+    np.exp(np.divide(-dt, rows[4:6]), out=a)  # [2, n]: a1, a2
+    np.multiply(a[0], a, out=f[2:4])
+    np.multiply(a[1], a[1], out=f[4])
+    np.multiply(state.p[1:6], f, out=p[1:6])
     p[3] += noise.v1_v_per_sqrt_s**2 * dt
-    p[5] *= aa[1]  # p22
     p[5] += noise.v2_v_per_sqrt_s**2 * dt
-    p[4] *= a[0] * a[1]  # p12
-    return v, p
+    return a
+
+
+def _predict_v(rows: FloatArray, state: FilterState, a: FloatArray, v: FloatArray) -> FloatArray:
+    """RC voltages a v + R (1 - a) i into ``v`` [2, n] (the prior's x[1:3])."""
+    ri = rows[2:4] * state.current_a  # R_j i_{k-1}
+    np.subtract(state.x[1:3], ri, out=v)
+    v *= a
+    v += ri
+    return v
 
 
 def _gain_terms(
@@ -223,10 +242,8 @@ def _gain_terms(
     u = p[0:3] * h  # u_r = p_r0 h - p_r1 - p_r2
     u[0] -= p[1]
     u[0] -= p[2]
-    u[1] -= p[3]
-    u[1] -= p[4]
-    u[2] -= p[4]
-    u[2] -= p[5]
+    u[1:3] -= p[3:5]  # u1 -= p11, u2 -= p12
+    u[1:3] -= p[4:6]  # u1 -= p12, u2 -= p22
     s = u[0] * h
     s -= u[1]
     s -= u[2]
@@ -239,9 +256,19 @@ def _sub(a: ArrayOrFloat | npt.ArrayLike | None, idx: npt.NDArray[np.intp]) -> A
     return a[idx] if isinstance(a, np.ndarray) and a.ndim else a
 
 
+def _downdate(p: FloatArray, gain: FloatArray, u: FloatArray) -> FloatArray:
+    """P - K u^T on the six unique entries, as a new array (``p`` is left as it was):
+    (p00, p01, p02) - k0 u, (p11, p12) - k1 (u1, u2), p22 - k2 u2."""
+    t = np.empty(p.shape)
+    np.multiply(gain[0], u, out=t[0:3])
+    np.multiply(gain[1:3], u[1:3], out=t[3:6:2])  # k1 u1, k2 u2
+    np.multiply(gain[1], u[2], out=t[4])
+    np.subtract(p, t, out=t)  # one [6, n] subtraction
+    return t
+
+
 def _update(
-    soc: FloatArray,
-    v: FloatArray,
+    x_prior: FloatArray,
     p: FloatArray,
     h: FloatArray,
     v_pred: FloatArray,
@@ -251,8 +278,9 @@ def _update(
     current_a: FloatArray,
     r0_table: FloatArray,
 ) -> StepResult:
-    """Measurement update with H = [h, -1, -1], in place on ``p`` (a fresh prior);
-    ``s_extra`` is added to S (UKF). Row by row: no gathers, no [n, 3, 3] products."""
+    """Measurement update with H = [h, -1, -1] of the prior ``x_prior``, ``p`` (neither
+    is modified); ``s_extra`` is added to S (UKF). Row by row: no gathers, no [n, 3, 3]
+    products."""
     u, s = _gain_terms(p, h, r)
     if s_extra is not None:
         s += s_extra
@@ -262,7 +290,7 @@ def _update(
     y = np.subtract(voltage_v, v_pred)
     gain = u / s  # K = P H^T / S
     # y . y is finite iff every y is (a dot product is cheaper than isfinite().all())
-    if math.isfinite(np.dot(y, y)):
+    if math.isfinite(y.dot(y)):
         innovation = y
     else:  # dropout: no update for those cells (K = 0 leaves x and P at the prior)
         finite = np.isfinite(y)
@@ -270,17 +298,20 @@ def _update(
         y = np.where(finite, y, 0.0)
         gain *= finite
     x = gain * y
-    x[0] += soc
-    x[1:3] += v
+    x += x_prior
     # P - K S K^T = P - K u^T, the optimal-gain form of Joseph's update. Only the six
     # unique entries are updated, so P stays exactly symmetric; it stays positive
     # definite because S >= R > 0 (P_new^-1 = P^-1 + H^T H / R).
-    p[0:3] -= gain[0] * u  # p00, p01, p02
-    p[3:5] -= gain[1] * u[1:3]  # p11, p12
-    p[5] -= gain[2] * u[2]  # p22
+    p_post = _downdate(p, gain, u)
     np.minimum(np.maximum(x[0], SOC_CLAMP[0], out=x[0]), SOC_CLAMP[1], out=x[0])
     return StepResult(
-        FilterState(x, p, current_a), x[0], np.sqrt(p[0]), v_pred, innovation, s, r0_table
+        FilterState(x, p_post, current_a),
+        x[0],
+        np.sqrt(p_post[0]),
+        v_pred,
+        innovation,
+        s,
+        r0_table,
     )
 
 
@@ -310,9 +341,13 @@ def ekf_step(
     Inputs are not validated here (:class:`edge_bms.estimator.PackEstimator` does that).
     """
     i = np.asarray(current_a, dtype=float)
-    soc, p00 = _predict(model, state, dt_s, noise, capacity_ah)
+    x_prior = np.empty(state.x.shape)  # float64 whatever the state holds
+    p = np.empty(state.p.shape)
+    _predict(model, state, dt_s, noise, capacity_ah, x_prior, p)
+    soc = x_prior[0]
     rows = model.lookup_rows(soc, temperature_c)  # [7, n]: ocv r0 r1 r2 tau1 tau2 docv
-    v, p = _predict_rc(rows, state, dt_s, noise, p00)
+    a = _predict_rc(rows, state, dt_s, noise, p)
+    v = _predict_v(rows, state, a, x_prior[1:3])
     r0 = rows[1] if r0_scale is None else rows[1] * r0_scale
     v_pred = rows[0] - i * r0
     v_pred -= v[0]
@@ -320,29 +355,31 @@ def ekf_step(
     if v_correction is not None:
         v_pred += v_correction
     r = noise.voltage_v**2 if measurement_var is None else measurement_var
-    settings = settings or EkfSettings()
-    iterate = settings.max_iterations > 0
-    p_prior = p.copy() if iterate else p
-    res = _update(soc, v, p, rows[6], v_pred, None, voltage_v, r, i, rows[1])
-    if iterate:
-        far = np.abs(res.state.x[0] - soc) > settings.iterate_dsoc
-        if far.any():  # (a clamped dropout cell moves too, but has nothing to iterate on)
+    settings = settings or _EKF_DEFAULT
+    res = _update(x_prior, p, rows[6], v_pred, None, voltage_v, r, i, rows[1])
+    if settings.max_iterations > 0:
+        # |SOC move| beyond the threshold anywhere? (fmax skips NaN, as > does)
+        moved = res.state.x[0] - soc
+        np.abs(moved, out=moved)
+        if np.fmax.reduce(moved) > settings.iterate_dsoc:
+            # (a clamped dropout cell moves too, but has nothing to iterate on)
+            far = moved > settings.iterate_dsoc
             far &= np.isfinite(res.innovation)
-        if far.any():
-            _iterate(
-                model,
-                res,
-                np.flatnonzero(far),
-                np.stack([soc, v[0], v[1]]),
-                p_prior,
-                i,
-                np.asarray(voltage_v, dtype=float),
-                temperature_c,
-                r0_scale,
-                v_correction,
-                r,
-                settings.max_iterations,
-            )
+            if far.any():
+                _iterate(
+                    model,
+                    res,
+                    np.flatnonzero(far),
+                    x_prior,
+                    p,
+                    i,
+                    np.asarray(voltage_v, dtype=float),
+                    temperature_c,
+                    r0_scale,
+                    v_correction,
+                    r,
+                    settings.max_iterations,
+                )
     return res
 
 
@@ -442,13 +479,23 @@ def ukf_step(
     It agrees with filterpy's UnscentedKalmanFilter (MerweScaledSigmaPoints) to
     round-off; see tests/edge_bms/test_filters.py.
     """
-    gamma, wm0, wc0, wi = (settings or UkfSettings()).weights()
+    gamma, wm0, wc0, wi = (settings or _UKF_DEFAULT).weights()
     i = np.asarray(current_a, dtype=float)
-    soc, p00 = _predict(model, state, dt_s, noise, capacity_ah)
+    x_prior = np.empty(state.x.shape)  # float64 whatever the state holds
+    p = np.empty(state.p.shape)
+    _predict(model, state, dt_s, noise, capacity_ah, x_prior, p)
+    soc = x_prior[0]
     # p00 > 0 unless every SOC noise is zero and the filter has fully converged
-    d = np.maximum(gamma * np.sqrt(p00), 1e-12)
-    rows = model.lookup_rows(np.stack([soc, soc + d, soc - d]), temperature_c)  # [7, 3, n]
-    v, p = _predict_rc(rows[:, 0], state, dt_s, noise, p00)
+    d = np.sqrt(p[0])
+    d *= gamma
+    np.maximum(d, 1e-12, out=d)
+    s3 = np.empty((3, soc.shape[0]))  # soc, soc + d, soc - d
+    s3[0] = soc
+    np.add(soc, d, out=s3[1])
+    np.subtract(soc, d, out=s3[2])
+    rows = model.lookup_rows(s3, temperature_c)  # [7, 3, n]
+    a = _predict_rc(rows[:, 0], state, dt_s, noise, p)
+    v = _predict_v(rows[:, 0], state, a, x_prior[1:3])
     r0 = rows[1] if r0_scale is None else rows[1] * r0_scale
     g = rows[0] - i * r0  # [3, n]
     g0, gp, gm = g
@@ -459,13 +506,16 @@ def ukf_step(
     gbar *= wi
     gbar += wm0 * g0
     e = g - gbar
-    spread = e[0] * e[0]
+    e *= e  # e0^2, e+^2, e-^2
+    spread = e[0]
     spread *= wc0 + 4.0 * wi
-    spread += wi * (e[1] * e[1] + e[2] * e[2])
+    e2 = e[1] + e[2]
+    e2 *= wi
+    spread += e2
     spread -= p[0] * h * h  # _update adds the EKF's p00 h^2
     v_pred = gbar - v[0]
     v_pred -= v[1]
     if v_correction is not None:
         v_pred += v_correction
     r = noise.voltage_v**2 if measurement_var is None else measurement_var
-    return _update(soc, v, p, h, v_pred, spread, voltage_v, r, i, rows[1, 0])
+    return _update(x_prior, p, h, v_pred, spread, voltage_v, r, i, rows[1, 0])
