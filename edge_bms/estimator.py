@@ -245,7 +245,10 @@ class PackEstimator:
     ohmic drop) over the OCV slope there, within ``OCV_PRIOR_SIGMA_RANGE`` (or
     ``initial_soc_sigma`` when given), and that sample only initialises (its voltage is
     used once). A given SOC gets sigma ``initial_soc_sigma`` (default
-    ``GIVEN_PRIOR_SIGMA``, 0.3) and the first sample updates it. ``correction_fallback``
+    ``GIVEN_PRIOR_SIGMA``, 0.3) and is fused with that same OCV reading (so a wrong
+    given SOC with a wide sigma lands near the OCV start, and a stored SOC with a
+    tight sigma barely moves); the first sample, used there, only initialises too. A
+    cell whose first voltage is missing keeps its given SOC. ``correction_fallback``
     is the reason reported while ``correction`` is None (e.g. the loader's "missing" or
     "integrity"). ``health_feedback``: what a ``health`` estimator's results change in
     the filter: "all" (capacity and R0 scale), "capacity", or "none" (estimate only);
@@ -368,7 +371,8 @@ class PackEstimator:
 
         n = self.n_cells
         initial = self._state is None
-        from_ocv = initial and self._initial_soc is None
+        # the first sample's voltage went into the initial state (see _initial_state)
+        from_ocv = initial
         state = self._initial_state(i, v, temp) if self._state is None else self._state
         dt = 0.0 if self._last_ts is None else t_s - self._last_ts
 
@@ -501,37 +505,62 @@ class PackEstimator:
         # Cells fade and their resistance grows; they do not get better. A fed-back
         # estimate above the rated capacity or below the table's R0 is estimator error
         # (an SOC-difference segment the filter biased), so it is held at the bound.
-        cap = _sane(self.health.capacity_ah, self._capacity)
+        # an estimator may say which of its values are fit to feed back (SohEstimator:
+        # enough current steps / capacity points); otherwise its estimates are used
+        cap = _sane(
+            getattr(self.health, "capacity_ah_trusted", self.health.capacity_ah), self._capacity
+        )
         self._capacity = np.minimum(cap, HEALTH_CAPACITY_MAX * self.model.capacity_ah)
         if self.health_feedback == "all":
-            r0s = _sane(self.health.r0_scale, self._r0_scale)
+            r0s = _sane(
+                getattr(self.health, "r0_scale_trusted", self.health.r0_scale), self._r0_scale
+            )
             self._r0_scale = np.maximum(r0s, HEALTH_R0_SCALE_MIN)
         self._scaled = True
 
     # -- initial state -------------------------------------------------------------------
     def _initial_state(self, i: FloatArray, v: FloatArray, temp: FloatArray) -> FilterState:
-        if self._initial_soc is not None:
-            return FilterState.initial(
-                np.broadcast_to(self._initial_soc, (self.n_cells,)),
-                self._initial_sigma,
-                v_sigma=RC_PRIOR_SIGMA_V,
-            )
+        """The state at the first sample, which uses that sample's voltage (the first step
+        then only predicts). From the OCV reading alone, or, with a given SOC, the given
+        SOC fused with the OCV reading (product of the two Gaussians)."""
         known = np.isfinite(v)
+        soc_ocv, sigma_ocv = self._ocv_reading(i, v, temp, known)
+        if self._initial_soc is not None:
+            # A given SOC is a prior (a stored value, a guess); the first voltage is a
+            # reading of the same SOC with the OCV start's error model. Fusing them in
+            # SOC space uses the exact OCV inverse: a first EKF update linearises OCV at
+            # the prior (far from the truth when the prior is 30 points off) and uses the
+            # filter's running measurement noise, which is meant for a cell under load.
+            prior = np.broadcast_to(self._initial_soc, (self.n_cells,))
+            var_p = self._initial_sigma**2
+            var_o = np.square(sigma_ocv)
+            w = var_p / (var_p + var_o)
+            soc = np.where(known, prior + w * (soc_ocv - prior), prior)
+            sigma = np.where(known, np.sqrt(var_p * var_o / (var_p + var_o)), self._initial_sigma)
+            return FilterState.initial(soc, sigma, v_sigma=RC_PRIOR_SIGMA_V)
+        if self._initial_sigma_given:
+            sigma_ocv = np.where(known, self._initial_sigma, sigma_ocv)
+        soc = np.where(known, soc_ocv, UNKNOWN_SOC)
+        sigma = np.where(known, sigma_ocv, UNKNOWN_SOC_SIGMA)
+        return FilterState.initial(soc, sigma, v_sigma=RC_PRIOR_SIGMA_V)
+
+    def _ocv_reading(
+        self, i: FloatArray, v: FloatArray, temp: FloatArray, known: BoolArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """SOC read off the voltage as an OCV (corrected by the table's ohmic drop) and its
+        sigma: ``OCV_PRIOR_SIGMA_V`` plus half the ohmic drop (the RC polarisation is not
+        known) over the OCV slope there, within ``OCV_PRIOR_SIGMA_RANGE``. Unknown cells:
+        placeholders (the caller masks them)."""
         v_known = np.where(known, v, self.model.ocv(UNKNOWN_SOC, temp))
         # OCV ~ v + i R0: the ohmic drop is known from the table, the RC part is not
         # (the prior sigma covers it)
         soc_v = self.model.soc_from_ocv(v_known, temp)
         r0 = self.model.lookup(soc_v, temp).r0 * self._r0_scale
         soc = self.model.soc_from_ocv(v_known + i * r0, temp)
-        soc = np.where(known, soc, UNKNOWN_SOC)
-        if self._initial_sigma_given:
-            sigma = np.full(self.n_cells, self._initial_sigma)
-        else:
-            slope = np.abs(self.model.lookup_rows(soc, temp)[6])
-            sigma_v = OCV_PRIOR_SIGMA_V + 0.5 * np.abs(i * r0)
-            sigma = np.clip(sigma_v / np.maximum(slope, 1e-9), *OCV_PRIOR_SIGMA_RANGE)
-        sigma = np.where(known, sigma, UNKNOWN_SOC_SIGMA)
-        return FilterState.initial(soc, sigma, v_sigma=RC_PRIOR_SIGMA_V)
+        slope = np.abs(self.model.lookup_rows(soc, temp)[6])
+        sigma_v = OCV_PRIOR_SIGMA_V + 0.5 * np.abs(i * r0)
+        sigma = np.clip(sigma_v / np.maximum(slope, 1e-9), *OCV_PRIOR_SIGMA_RANGE)
+        return np.broadcast_to(soc, known.shape), np.broadcast_to(sigma, known.shape)
 
     # -- input checks (no state is touched until all pass) --------------------------------
     def _array(self, name: str, value: npt.ArrayLike, bounds: tuple[float, float]) -> FloatArray:

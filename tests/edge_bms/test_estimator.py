@@ -418,13 +418,15 @@ def test_works_with_the_package_soh_and_safety(cell: CellModel) -> None:
 
     rng = np.random.default_rng(13)
     sim = simulate(cell, pulse_profile(rng, 300), rng.uniform(0.4, 0.9, N), rng, noise=NOISE)
-    health = SohEstimator(N, cell.capacity_ah, cell=cell)
+    health = SohEstimator(N, cell.capacity_ah, cell=cell, r0_min_updates=2)
     safety = SafetyMonitor(SafetyConfig.from_limits(cell.limits), N)
     est = PackEstimator(cell, N, noise=NOISE, health=health, safety=safety)
     for k in range(300):
         e = est.step(sim.t[k], sim.current[k, 0], sim.voltage[k], 25.0)
     assert np.abs(e.soc - sim.soc[-1]).max() < 0.01
-    # fed back within physical bounds: no better than the table, no more than rated
+    # fed back within physical bounds: no better than the table, no more than rated; R0
+    # only after r0_min_updates current steps (test_soh checks the gate itself)
+    assert health.r0_updates.min() >= 2
     np.testing.assert_array_equal(e.r0_scale, np.maximum(health.r0_scale, HEALTH_R0_SCALE_MIN))
     np.testing.assert_array_equal(
         e.capacity_ah, np.minimum(health.capacity_ah, HEALTH_CAPACITY_MAX * cell.capacity_ah)
