@@ -93,7 +93,8 @@ def simulate(
     """True ECM trajectories of n cells for a current profile [K] or [K, n], with the
     process noise, current-sensor noise and voltage noise that ``noise`` describes (the
     same discretisation as the filters: sample k-1's current held over interval k)."""
-    noise = noise or FilterNoise()
+    # a synthetic cell with little slow model error (the filters default to more)
+    noise = noise or FilterNoise(v2_v_per_sqrt_s=2e-4)
     k_steps = current.shape[0]
     n = soc0.size
     i_true = np.broadcast_to(current.reshape(k_steps, -1), (k_steps, n))

@@ -19,7 +19,7 @@ from edge_bms.filters import FilterNoise
 
 from .conftest import pulse_profile, simulate
 
-NOISE = FilterNoise(voltage_v=2e-3)
+NOISE = FilterNoise(voltage_v=2e-3, v2_v_per_sqrt_s=2e-4)
 
 
 def _recording(cell: CellModel, path: Path, n_rows: int = 900, soc0: float = 0.7) -> np.ndarray:

@@ -31,7 +31,7 @@ from edge_bms.filters import FilterNoise, FilterState, ekf_step
 from .conftest import pulse_profile, simulate
 
 N = 4
-NOISE = FilterNoise(voltage_v=2e-3)
+NOISE = FilterNoise(voltage_v=2e-3, v2_v_per_sqrt_s=2e-4)
 
 
 def _started(cell: CellModel, **kwargs: Any) -> PackEstimator:
@@ -471,3 +471,26 @@ def test_health_feedback_chooses_what_an_soh_estimate_changes(
     np.testing.assert_allclose(e.r0_scale, 2.0 if feedback == "all" else 1.0)
     with pytest.raises(InputError, match="health_feedback must be 'all', 'capacity' or 'none'"):
         PackEstimator(cell, N, health_feedback="some")  # type: ignore[arg-type]
+
+
+def test_a_given_soc_is_fused_with_the_first_ocv_reading(cell: CellModel) -> None:
+    """A wrong SOC with a wide sigma lands at the OCV reading; a stored SOC with a tight
+    sigma barely moves; a cell without a first voltage keeps what it was given."""
+    true = np.array([0.3, 0.5, 0.8, 0.6])
+    v = cell.ocv(true, 25.0)  # rested cells
+    wide = PackEstimator(cell, N, initial_soc=np.clip(true + 0.3, 0, 1), noise=NOISE)
+    e = wide.step(0.0, 0.0, v, 25.0)
+    assert np.abs(e.soc - true).max() < 0.01
+    assert e.soc_sigma.max() < 0.1  # the OCV reading's sigma, not the prior's 0.3
+    assert e.flags.initial
+    tight = PackEstimator(
+        cell, N, initial_soc=true + 0.02, initial_soc_sigma=0.002, noise=NOISE
+    )
+    e = tight.step(0.0, 0.0, v, 25.0)
+    np.testing.assert_allclose(e.soc, true + 0.02, atol=0.002)
+    v_missing = v.copy()
+    v_missing[1] = np.nan
+    e = PackEstimator(cell, N, initial_soc=0.9, noise=NOISE).step(0.0, 0.0, v_missing, 25.0)
+    assert e.soc[1] == pytest.approx(0.9)
+    assert e.soc_sigma[1] == pytest.approx(0.3)
+    assert abs(e.soc[0] - true[0]) < 0.01

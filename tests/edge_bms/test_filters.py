@@ -232,7 +232,7 @@ def test_iterated_update_is_the_map_estimate(cell: CellModel) -> None:
     minimum of prior + measurement cost, found here independently by scipy."""
     from scipy.optimize import least_squares
 
-    noise = FilterNoise(voltage_v=2e-3)
+    noise = FilterNoise(voltage_v=2e-3, v2_v_per_sqrt_s=2e-4)
     state = FilterState.initial(np.array([0.45]), 0.3, v_sigma=0.01, current_a=2.0)
     # at zero current h(x) is exactly OCV - v1 - v2, whose Jacobian the EKF uses (under
     # load it leaves out dR0/dsoc, as every ECM filter treating R0 as exogenous does)
@@ -339,8 +339,8 @@ def test_converges_from_a_30_point_wrong_initial_soc(
     rng = np.random.default_rng(6)
     soc0 = rng.uniform(0.35, 0.95, n)
     init = np.where(soc0 > 0.65, soc0 - 0.3, soc0 + 0.3)
-    sim = simulate(cell, pulse_profile(rng, n_steps), soc0, rng, noise=FilterNoise(voltage_v=2e-3))
-    noise = FilterNoise(voltage_v=2e-3)
+    sim = simulate(cell, pulse_profile(rng, n_steps), soc0, rng, noise=FilterNoise(voltage_v=2e-3, v2_v_per_sqrt_s=2e-4))
+    noise = FilterNoise(voltage_v=2e-3, v2_v_per_sqrt_s=2e-4)
     state = FilterState.initial(init, 0.3)
     err = np.empty((n_steps, n))
     for k in range(n_steps):
@@ -361,7 +361,7 @@ def test_soc_sigma_is_calibrated(cell: CellModel, step: Callable[..., StepResult
     (within [0.92, 0.98]); 200 cells x 1200 s, after a 300 s burn-in."""
     n, n_steps = 200, 1200
     rng = np.random.default_rng(7)
-    noise = FilterNoise(voltage_v=2e-3, current_a=0.1, soc_per_sqrt_s=2e-5)
+    noise = FilterNoise(voltage_v=2e-3, current_a=0.1, soc_per_sqrt_s=2e-5, v2_v_per_sqrt_s=2e-4)
     soc0 = rng.uniform(0.3, 0.9, n)
     sim = simulate(cell, pulse_profile(rng, n_steps), soc0, rng, noise=noise)
     state = FilterState.initial(soc0 + rng.normal(0, 0.05, n), 0.05)
@@ -391,7 +391,7 @@ def test_dropouts_and_gaps(cell: CellModel, step: Callable[..., StepResult]) -> 
     the gap, and the filter re-converges after it."""
     n, n_steps = 40, 900
     rng = np.random.default_rng(8)
-    noise = FilterNoise(voltage_v=2e-3)
+    noise = FilterNoise(voltage_v=2e-3, v2_v_per_sqrt_s=2e-4)
     soc0 = rng.uniform(0.3, 0.9, n)
     dt = np.ones(n_steps)
     dt[500] = 7200.0  # 2 h without samples; the cells rest (current 0 held)

@@ -183,3 +183,28 @@ def test_inputs_are_checked() -> None:
         est.update(1.0, [3.7, 3.7], 0.0)
     with pytest.raises(InputError, match="format"):
         SohEstimator.from_state_dict({"format": "other"})
+
+
+def test_r0_is_trusted_only_after_r0_min_updates_steps(cell: CellModel) -> None:
+    """One current step moves the RLS most of the way (prior sigma 0.5), so a filter
+    gets the scale only once ``r0_min_updates`` steps made it; until then, 1."""
+    est = SohEstimator(2, 5.0, cell=cell, r0_min_updates=5)
+    r0 = float(cell.lookup(0.5, 25.0).r0)
+    levels = [0.0, 4.0] * 4  # 7 steps of 4 A
+    v_rest = 3.7
+    seen = []
+    for k, i in enumerate(levels):
+        # cell 0 reads 1.5x the table's R0, cell 1 the table's
+        v = v_rest - i * r0 * np.array([1.5, 1.0])
+        est.update(i, v, 1.0, r0_table_ohm=r0)
+        seen.append((int(est.r0_updates[0]), est.r0_scale_trusted.copy(), est.r0_scale.copy()))
+    for updates, trusted, scale in seen:
+        if updates < 5:
+            np.testing.assert_array_equal(trusted, 1.0)
+        else:
+            np.testing.assert_array_equal(trusted, scale)
+    assert seen[-1][0] == 7
+    assert seen[-1][1][0] == pytest.approx(1.5, rel=0.02)
+    # capacity: the nominal until capacity_min_points points
+    assert est.n_points.max() == 0
+    np.testing.assert_array_equal(est.capacity_ah_trusted, 5.0)
