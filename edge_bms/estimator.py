@@ -458,9 +458,9 @@ class PackEstimator:
         inputs = CorrectionInputs(
             ts=ts,
             dt_s=dt,
-            current_a=np.broadcast_to(i, (n,)),
+            current_a=i if i.ndim else np.full(n, float(i)),
             cell_v=v,
-            temp_c=np.broadcast_to(temp, (n,)),
+            temp_c=temp if temp.ndim else np.full(n, float(temp)),
             soc=state.x[0],
             soc_sigma=np.sqrt(state.p[0]),
             innovation=self._last_innovation,
@@ -480,6 +480,15 @@ class PackEstimator:
         # raises its own untyped errors), the plain filter must carry on, flagged.
         except Exception as exc:
             return None, None, None, f"error: {type(exc).__name__}: {exc}"
+        # the usual step: every cell in range, every value finite (a dot product is
+        # finite iff every entry is), every variance > 0; no masks to build
+        if (
+            used.all()
+            and math.isfinite(dv.dot(dv))
+            and math.isfinite(r.dot(r))
+            and float(np.fmin.reduce(r)) > 0
+        ):
+            return dv, r, used, ""
         used = used & np.isfinite(dv)
         if not used.any():
             return None, None, used, "range"

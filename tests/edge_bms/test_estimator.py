@@ -483,9 +483,7 @@ def test_a_given_soc_is_fused_with_the_first_ocv_reading(cell: CellModel) -> Non
     assert np.abs(e.soc - true).max() < 0.01
     assert e.soc_sigma.max() < 0.1  # the OCV reading's sigma, not the prior's 0.3
     assert e.flags.initial
-    tight = PackEstimator(
-        cell, N, initial_soc=true + 0.02, initial_soc_sigma=0.002, noise=NOISE
-    )
+    tight = PackEstimator(cell, N, initial_soc=true + 0.02, initial_soc_sigma=0.002, noise=NOISE)
     e = tight.step(0.0, 0.0, v, 25.0)
     np.testing.assert_allclose(e.soc, true + 0.02, atol=0.002)
     v_missing = v.copy()

@@ -339,8 +339,8 @@ def test_converges_from_a_30_point_wrong_initial_soc(
     rng = np.random.default_rng(6)
     soc0 = rng.uniform(0.35, 0.95, n)
     init = np.where(soc0 > 0.65, soc0 - 0.3, soc0 + 0.3)
-    sim = simulate(cell, pulse_profile(rng, n_steps), soc0, rng, noise=FilterNoise(voltage_v=2e-3, v2_v_per_sqrt_s=2e-4))
     noise = FilterNoise(voltage_v=2e-3, v2_v_per_sqrt_s=2e-4)
+    sim = simulate(cell, pulse_profile(rng, n_steps), soc0, rng, noise=noise)
     state = FilterState.initial(init, 0.3)
     err = np.empty((n_steps, n))
     for k in range(n_steps):

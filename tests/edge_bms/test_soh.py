@@ -193,7 +193,7 @@ def test_r0_is_trusted_only_after_r0_min_updates_steps(cell: CellModel) -> None:
     levels = [0.0, 4.0] * 4  # 7 steps of 4 A
     v_rest = 3.7
     seen = []
-    for k, i in enumerate(levels):
+    for i in levels:
         # cell 0 reads 1.5x the table's R0, cell 1 the table's
         v = v_rest - i * r0 * np.array([1.5, 1.0])
         est.update(i, v, 1.0, r0_table_ohm=r0)
