@@ -710,7 +710,7 @@ def section_accuracy(args: argparse.Namespace) -> None:
 
 
 def plot_errors(tr: Truth, columns: dict[str, dict[str, list[Trace]]], path: str) -> None:
-    """SOC error vs time for a few held-out profiles: coulomb counting, plain, DL."""
+    """SOC error vs time for a few held-out profiles: coulomb counting, plain, DL, DL+SOH."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -721,7 +721,7 @@ def plot_errors(tr: Truth, columns: dict[str, dict[str, list[Trace]]], path: str
     fig, axes = plt.subplots(len(names), 1, figsize=(9, 2.4 * len(names)), sharex=True)
     axes = np.atleast_1d(axes)
     for ax, name in zip(axes, names, strict=True):
-        for col, style in (("CC ocv0", ":"), ("EKF", "-"), ("EKF+DL", "-")):
+        for col, style in (("CC ocv0", ":"), ("EKF", "-"), ("EKF+DL", "-"), ("EKF+DL+SOH", "-")):
             if col not in columns:
                 continue
             t = columns[col][name][0]
