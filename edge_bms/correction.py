@@ -123,7 +123,13 @@ class CorrectionOutput:
 
 
 class VoltageCorrectionNet:
-    """An onnxruntime session of the correction network with its verified record."""
+    """An onnxruntime session of the correction network with its verified record.
+
+    One object serves one pack, from one thread: it keeps that pack's moving averages and
+    reuses its input/output buffers between calls (the array :meth:`features` returns is
+    overwritten by the next :meth:`features` or :meth:`predict`). For several packs, give
+    each a ``copy.copy`` of it: the copies share the onnxruntime session, not the buffers.
+    """
 
     def __init__(self, model: bytes, record: CorrectionRecord, source: str) -> None:
         import onnxruntime as ort  # type: ignore[import-untyped]
@@ -177,6 +183,15 @@ class VoltageCorrectionNet:
         self._ema: FloatArray | None = None
         self._io: _IoBuffers | None = None
         self._ort = ort
+
+    def __copy__(self) -> VoltageCorrectionNet:
+        # a copy shares the session and the record, not this pack's averages and buffers
+        # (the buffers hold the averages in place: sharing them would step both packs)
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._io = None
+        new._ema = None if self._ema is None else self._ema.copy()
+        return new
 
     # -- the estimator's VoltageCorrection protocol ----------------------------------------
     def features(self, inputs: CorrectionInputs) -> npt.NDArray[np.float32]:

@@ -488,7 +488,8 @@ class PackEstimator:
             and math.isfinite(r.dot(r))
             and float(np.fmin.reduce(r)) > 0
         ):
-            return dv, r, used, ""
+            # a copy: the flags outlive the step, a network may reuse its mask
+            return dv, r, used.copy(), ""
         used = used & np.isfinite(dv)
         if not used.any():
             return None, None, used, "range"

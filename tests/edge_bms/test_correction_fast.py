@@ -133,3 +133,38 @@ def test_steps_leave_their_inputs_as_they_were(step: object) -> None:
     assert np.array_equal(state.x, x) and np.array_equal(state.p, p)
     assert np.array_equal(state.current_a, i)
     assert not np.shares_memory(res.state.p, state.p) and not np.shares_memory(res.state.x, state.x)
+
+
+def test_a_copy_taken_after_use_keeps_its_own_moving_averages() -> None:
+    """The buffers hold the averages in place; a copy must not step the original's."""
+    import copy
+
+    from edge_bms.correction import load_correction
+    from edge_bms.estimator import CorrectionInputs
+
+    net = load_correction()
+    n = 3
+
+    def inputs(i: float) -> CorrectionInputs:
+        z = np.zeros(n)
+        return CorrectionInputs(
+            ts=0.0,
+            dt_s=1.0,
+            current_a=np.full(n, i),
+            cell_v=np.full(n, 3.7),
+            temp_c=np.full(n, 25.0),
+            soc=np.full(n, 0.5),
+            soc_sigma=np.full(n, 0.01),
+            innovation=z,
+            v_pred=z,
+        )
+
+    for _ in range(5):
+        net.predict(net.features(inputs(2.0)))
+    twin = copy.copy(net)
+    before = net.state_dict()["ema"]
+    for _ in range(5):
+        twin.predict(twin.features(inputs(-5.0)))
+    assert net.state_dict()["ema"] == before
+    assert twin.state_dict()["ema"] != before
+    assert twin.session is net.session

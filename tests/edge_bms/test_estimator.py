@@ -257,7 +257,7 @@ def test_reset_soc_before_and_after_the_first_sample(cell: CellModel) -> None:
     est.reset_soc([0.4, 0.6], 0.02)  # before any sample: the start
     e = est.step(0.0, 0.0, cell.ocv(np.array([0.4, 0.6]), 25.0), 25.0)
     np.testing.assert_allclose(e.soc, [0.4, 0.6], atol=2e-3)
-    assert np.all(e.soc_sigma < 0.02)  # the first sample updated it
+    assert np.all(e.soc_sigma < 0.02)  # fused with the first sample's OCV reading
     est.reset_soc(0.8, 0.05)  # later: SOC and its sigma replaced, RC voltages kept
     st = est.state
     assert st is not None
