@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 FloatArray = npt.NDArray[np.float64]
 OPSET = 18
 MEASURED = ("time_s", "current_a", "voltage_v", "temperature_c")
+# the network's raw outputs: dv in units of 10 mV, log variance around ln(1.2e-4 V^2)
+DV_SCALE_V = 0.01
+LOG_VAR_SHIFT = -9.0
 
 
 class BmsTrainConfig(BaseModel):
@@ -227,9 +230,46 @@ def build_module(cfg: BmsTrainConfig, mean: FloatArray, std: FloatArray) -> torc
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             out = self.net((x - self.mu) / self.sd)
             # dv in units of 10 mV inside the net keeps the last layer well scaled
-            return out[:, :1] * 0.01, out[:, 1:] - 9.0
+            return out[:, :1] * DV_SCALE_V, out[:, 1:] + LOG_VAR_SHIFT
 
     return CorrectionMLP()
+
+
+def folded_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The same function with the input normalisation folded into the first layer and the
+    output scaling into the last: 6 ONNX nodes instead of 11 (Gemm/Tanh x2, Gemm, Split).
+    At 200 rows onnxruntime's cost is per node, not per multiply (~2 us a node), so this
+    halves the network's share of a pack step; outputs agree to float32 rounding."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    net = cast(nn.Sequential, module.net)
+    mu = cast(torch.Tensor, module.mu)
+    sd = cast(torch.Tensor, module.sd)
+    layers = [copy.deepcopy(m) for m in net]
+    linear = [m for m in layers if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        first = linear[0]
+        w = first.weight / sd  # W ((x - mu) / sd) + b = (W / sd) x + (b - (W / sd) mu)
+        first.bias.sub_(w @ mu)
+        first.weight.copy_(w)
+        last = linear[-1]
+        last.weight[0] *= DV_SCALE_V
+        last.bias[0] *= DV_SCALE_V
+        last.bias[1] += LOG_VAR_SHIFT
+
+    class FoldedMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(*layers)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            dv, log_var = torch.split(self.net(x), 1, dim=1)
+            return dv, log_var
+
+    return FoldedMLP().eval()
 
 
 def train_correction(
@@ -295,7 +335,7 @@ def export_correction(trained: TrainedCorrection) -> bytes:
     """The network as ONNX: input ``features`` [batch, 6], outputs ``dv_v``, ``log_var``."""
     import torch
 
-    module = trained.module.eval()
+    module = folded_module(trained.module.eval())
     batch = torch.export.Dim("batch")
     with quiet_exporter():
         program = torch.onnx.export(
