@@ -375,6 +375,9 @@ class PackEstimator:
         from_ocv = initial
         state = self._initial_state(i, v, temp) if self._state is None else self._state
         dt = 0.0 if self._last_ts is None else t_s - self._last_ts
+        # per cell (the estimate and the network want [n]; the filter takes either)
+        i_n = i if i.ndim else np.full(n, float(i))
+        temp_n = temp if temp.ndim else np.full(n, float(temp))
 
         v_corr: FloatArray | None = None
         r_var: FloatArray | None = None
@@ -384,7 +387,7 @@ class PackEstimator:
         elif self.correction is None:
             reason = self.correction_fallback
         else:
-            v_corr, r_var, cells, reason = self._correct(t_s, dt, i, v, temp, state)
+            v_corr, r_var, cells, reason = self._correct(t_s, dt, i_n, v, temp_n, state)
 
         kwargs: dict[str, Any] = {}
         if self._scaled:
@@ -421,9 +424,9 @@ class PackEstimator:
             innovation=innovation,
             innovation_var=res.innovation_var,
             pack_soc=pack_soc(res.soc, capacity if self._scaled else self.model.capacity_ah),
-            current_a=i if i.ndim else np.full(n, float(i)),
+            current_a=i_n,
             cell_v=v,
-            temp_c=temp if temp.ndim else np.full(n, float(temp)),
+            temp_c=temp_n,
             v_rc=res.state.x[1:3],
             capacity_ah=capacity,
             r0_scale=r0_scale,
@@ -458,9 +461,9 @@ class PackEstimator:
         inputs = CorrectionInputs(
             ts=ts,
             dt_s=dt,
-            current_a=i if i.ndim else np.full(n, float(i)),
+            current_a=i,
             cell_v=v,
-            temp_c=temp if temp.ndim else np.full(n, float(temp)),
+            temp_c=temp,
             soc=state.x[0],
             soc_sigma=np.sqrt(state.p[0]),
             innovation=self._last_innovation,
