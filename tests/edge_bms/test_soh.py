@@ -155,6 +155,28 @@ def test_per_step_update_closes_capacity_segments_on_trusted_soc(cell: CellModel
     assert est.capacity_ah == pytest.approx(q_true, rel=0.015)
 
 
+def test_capacity_is_trusted_only_after_capacity_min_points() -> None:
+    """Until ``capacity_min_points`` points made it, a filter gets the nominal capacity."""
+    est = SohEstimator(1, 5.0, min_delta_soc=0.3, capacity_min_points=3, capacity_forgetting=1.0)
+    seen = []
+    soc, dt, q_true = 0.8, 10.0, 4.5
+    steps = int(0.6 * q_true * 3600 / (4.5 * dt))  # 60 % of the true capacity at 4.5 A
+    for half in range(6):  # 60 % down, 60 % up, ...: a point at the rest after each
+        sign = 1.0 if half % 2 == 0 else -1.0
+        for _ in range(steps):
+            soc -= sign * 4.5 * dt / 3600 / q_true
+            est.update(sign * 4.5, 3.7, dt, soc=soc, soc_sigma=0.05)  # not trusted under load
+        est.update(0.0, 3.7, dt, soc=soc, soc_sigma=0.01)  # at rest: a point
+        seen.append(
+            (int(est.n_points[0]), float(est.capacity_ah_trusted[0]), float(est.capacity_ah[0]))
+        )
+    for points, trusted, estimate in seen:
+        assert trusted == (estimate if points >= 3 else 5.0)
+    assert seen[-1][0] >= 3
+    assert seen[-1][1] == pytest.approx(q_true, rel=0.02)
+    assert seen[1][1] == 5.0 and seen[1][2] != 5.0  # an estimate exists, not yet fed back
+
+
 def test_state_dict_round_trip_is_json_and_continues_identically() -> None:
     rng = np.random.default_rng(4)
     a = SohEstimator(3, 5.0)
