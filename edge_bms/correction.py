@@ -74,28 +74,28 @@ class CorrectionRecord(BaseModel):
 _TAUS = np.asarray(EMA_TAUS_S)
 
 
-def ema_step(ema: FloatArray, current_a: FloatArray, dt_s: float | FloatArray) -> FloatArray:
-    """Moving averages of current with time constants EMA_TAUS_S: ``ema`` is [n, 3]."""
+def ema_step(
+    ema: FloatArray,
+    current_a: FloatArray,
+    dt_s: float | FloatArray,
+    out: FloatArray | None = None,
+) -> FloatArray:
+    """Moving averages of current with time constants EMA_TAUS_S: ``ema`` is [n, 3];
+    ``out`` may be ``ema`` itself (in place)."""
     if isinstance(dt_s, float | int):
         alpha = _alpha(float(dt_s))
     else:
         alpha = -np.expm1(-np.asarray(dt_s, dtype=float)[..., None] / _TAUS)
-    out: FloatArray = ema + alpha * (np.asarray(current_a, dtype=float)[..., None] - ema)
-    return out
+    d = np.asarray(current_a, dtype=float)[..., None] - ema
+    d *= alpha
+    res: FloatArray = np.add(ema, d, out=out)
+    return res
 
 
 @functools.lru_cache(maxsize=64)
 def _alpha(dt_s: float) -> FloatArray:
     # A pack sampled at a fixed rate asks for the same few dt values: compute them once.
     a: FloatArray = -np.expm1(-dt_s / _TAUS)
-    a.flags.writeable = False
-    return a
-
-
-@functools.lru_cache(maxsize=64)
-def _alpha_col(dt_s: float) -> FloatArray:
-    """:func:`_alpha` as a [3, 1] column (averages stored [3, n])."""
-    a: FloatArray = _alpha(dt_s)[:, None].copy()
     a.flags.writeable = False
     return a
 
@@ -203,24 +203,14 @@ class VoltageCorrectionNet:
         i = np.asarray(inputs.current_a, dtype=float)
         n = i.shape[0]
         io = self._buffers(n)
-        ema_t = io.ema_t  # [3, n]: the averages with cells along rows (faster arithmetic)
         ema = self._ema
         if ema is None or ema.shape[0] != n:
             # A fresh start: the history is unknown, so the averages start at this current.
-            ema_t[...] = i
+            io.ema_t[...] = i
         else:
             if ema is not io.ema:  # set elsewhere (load_state_dict): take it over
-                ema_t[...] = ema.T
-            # ema_step's arithmetic, in place
-            dt_s = inputs.dt_s
-            if isinstance(dt_s, float | int):
-                alpha = _alpha_col(float(dt_s))
-            else:
-                a = -np.expm1(-np.asarray(dt_s, dtype=float)[..., None] / _TAUS)
-                alpha = a.T if a.ndim == 2 else a[:, None]  # per cell [n, 3], or [3]
-            d = i - ema_t
-            d *= alpha
-            ema_t += d
+                io.ema[...] = ema
+            ema_step(io.ema, i, inputs.dt_s, out=io.ema)
         self._ema = io.ema
         out = io.x
         out[:, 0] = inputs.soc
@@ -251,26 +241,26 @@ class VoltageCorrectionNet:
             ok = cast(BoolArray, both.reshape(-1, len(FEATURES)).all(axis=1))
         self.session.run_with_iobinding(io.binding)  # writes io.out: [2, n, 1] float32
         out = io.out.astype(np.float64)
-        dv64, var = out[0, :, 0], out[1, :, 0]
-        np.exp(var, out=var)
-        np.maximum(var, self.r_floor_v2, out=var)
-        if self.r_inflation != 1.0:
-            var *= self.r_inflation
-        if ok is io.all_ok:  # the usual step: no masking to do
-            return CorrectionOutput(dv64, var, ok)
-        return CorrectionOutput(np.where(ok, dv64, 0.0), np.where(ok, var, np.nan), ok)
+        return self._output(out[0, :, 0], out[1, :, 0], ok, ok is io.all_ok)
 
     def _predict_plain(self, x: npt.NDArray[np.float32]) -> CorrectionOutput:
         """:meth:`predict` for any input onnxruntime takes (no preallocated buffers)."""
         ok = self.in_range(x)
         dv, log_var = self.session.run(self.output_names, {self.input_name: x})
-        var = np.exp(log_var[:, 0].astype(np.float64))
-        np.maximum(var, self.r_floor_v2, out=var)
-        var *= self.r_inflation
         dv64 = dv[:, 0].astype(np.float64)
-        if ok.all():  # the usual step: no masking to do
-            return CorrectionOutput(dv64, var, ok)
-        return CorrectionOutput(np.where(ok, dv64, 0.0), np.where(ok, var, np.nan), ok)
+        return self._output(dv64, log_var[:, 0].astype(np.float64), ok, bool(ok.all()))
+
+    def _output(
+        self, dv: FloatArray, log_var: FloatArray, ok: BoolArray, all_ok: bool
+    ) -> CorrectionOutput:
+        """The network's float64 outputs (``log_var`` is overwritten) as a correction."""
+        var = np.exp(log_var, out=log_var)
+        np.maximum(var, self.r_floor_v2, out=var)
+        if self.r_inflation != 1.0:
+            var *= self.r_inflation
+        if all_ok:  # the usual step: no masking to do
+            return CorrectionOutput(dv, var, ok)
+        return CorrectionOutput(np.where(ok, dv, 0.0), np.where(ok, var, np.nan), ok)
 
     def in_range(self, x: npt.NDArray[np.float32]) -> BoolArray:
         ok: BoolArray = np.all((x >= self.lo) & (x <= self.hi), axis=1)

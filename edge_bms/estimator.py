@@ -116,7 +116,9 @@ class VoltageCorrection(Protocol):
 class HealthEstimator(Protocol):
     """Online SOH (``edge_bms.soh.SohEstimator`` fits). After each step with ``dt_s > 0``
     the estimator calls :meth:`update` with the step's inputs and posterior, then reads
-    ``capacity_ah`` and ``r0_scale`` ([n]) for the next step."""
+    ``capacity_ah_trusted`` and ``r0_scale_trusted`` ([n]) for the next step: the values
+    the estimator stands behind (SohEstimator: the nominal capacity / a scale of 1 until
+    enough capacity points / current steps made its estimate)."""
 
     def update(
         self,
@@ -131,9 +133,10 @@ class HealthEstimator(Protocol):
     ) -> None: ...
 
     @property
-    def capacity_ah(self) -> FloatArray: ...
+    def capacity_ah_trusted(self) -> FloatArray: ...
 
-    r0_scale: FloatArray
+    @property
+    def r0_scale_trusted(self) -> FloatArray: ...
 
 
 class SafetyCheck(Protocol):
@@ -518,16 +521,10 @@ class PackEstimator:
         # Cells fade and their resistance grows; they do not get better. A fed-back
         # estimate above the rated capacity or below the table's R0 is estimator error
         # (an SOC-difference segment the filter biased), so it is held at the bound.
-        # an estimator may say which of its values are fit to feed back (SohEstimator:
-        # enough current steps / capacity points); otherwise its estimates are used
-        cap = _sane(
-            getattr(self.health, "capacity_ah_trusted", self.health.capacity_ah), self._capacity
-        )
+        cap = _sane(self.health.capacity_ah_trusted, self._capacity)
         self._capacity = np.minimum(cap, HEALTH_CAPACITY_MAX * self.model.capacity_ah)
         if self.health_feedback == "all":
-            r0s = _sane(
-                getattr(self.health, "r0_scale_trusted", self.health.r0_scale), self._r0_scale
-            )
+            r0s = _sane(self.health.r0_scale_trusted, self._r0_scale)
             self._r0_scale = np.maximum(r0s, HEALTH_R0_SCALE_MIN)
         self._scaled = True
 
@@ -551,10 +548,9 @@ class PackEstimator:
             soc = np.where(known, prior + w * (soc_ocv - prior), prior)
             sigma = np.where(known, np.sqrt(var_p * var_o / (var_p + var_o)), self._initial_sigma)
             return FilterState.initial(soc, sigma, v_sigma=RC_PRIOR_SIGMA_V)
-        if self._initial_sigma_given:
-            sigma_ocv = np.where(known, self._initial_sigma, sigma_ocv)
         soc = np.where(known, soc_ocv, UNKNOWN_SOC)
-        sigma = np.where(known, sigma_ocv, UNKNOWN_SOC_SIGMA)
+        given = self._initial_sigma if self._initial_sigma_given else sigma_ocv
+        sigma = np.where(known, given, UNKNOWN_SOC_SIGMA)
         return FilterState.initial(soc, sigma, v_sigma=RC_PRIOR_SIGMA_V)
 
     def _ocv_reading(

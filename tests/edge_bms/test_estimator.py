@@ -365,8 +365,12 @@ class FakeHealth:
         self.calls: list[dict[str, Any]] = []
 
     @property
-    def capacity_ah(self) -> np.ndarray:
+    def capacity_ah_trusted(self) -> np.ndarray:
         return self.capacity
+
+    @property
+    def r0_scale_trusted(self) -> np.ndarray:
+        return self.r0_scale
 
     def update(self, current_a: Any, voltage_v: Any, dt_s: float, **kw: Any) -> None:
         self.calls.append({"dt_s": dt_s, **kw})
@@ -457,8 +461,8 @@ def test_health_feedback_chooses_what_an_soh_estimate_changes(
     cell: CellModel, feedback: str
 ) -> None:
     class Health:  # a fixed verdict: 80 % capacity, 2x R0
-        capacity_ah = np.full(N, 0.8 * cell.capacity_ah)
-        r0_scale = np.full(N, 2.0)
+        capacity_ah_trusted = np.full(N, 0.8 * cell.capacity_ah)
+        r0_scale_trusted = np.full(N, 2.0)
 
         def update(self, *args: Any, **kwargs: Any) -> None:
             pass
