@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,14 @@ from sim_backend.nn.mace import MacePotential, MaceUnavailableError, _import_mac
 from sim_backend.nn.model import load_model, read_model_file, save_model
 from sim_backend.nn.neighbors import neighbor_list
 from sim_backend.nn.train import model_hyper_defaults, train
+from tests.sim_backend.helpers import (
+    F64,
+    as_batch,
+    assert_forces_match_finite_differences,
+    molecule,
+)
 
 torch.set_num_threads(1)
-F64 = torch.float64
 SMALL: dict[str, Any] = {
     "hidden_irreps": "8x0e+8x1o",
     "max_ell": 1,
@@ -40,32 +44,6 @@ SMALL: dict[str, Any] = {
     "mlp_irreps": "8x0e",
     "radial_mlp": [16],
 }
-
-
-def as_batch(
-    systems: Sequence[Atoms], dtype: torch.dtype = F64
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    pos = torch.tensor(np.concatenate([a.positions for a in systems]), dtype=dtype)
-    numbers = torch.tensor(np.concatenate([a.numbers for a in systems]), dtype=torch.long)
-    cell = torch.tensor(np.stack([a.cell.array for a in systems]), dtype=dtype)
-    pbc = torch.tensor(np.stack([a.pbc for a in systems]))
-    sidx = torch.cat([torch.full((len(a),), k) for k, a in enumerate(systems)])
-    return pos, numbers, cell, pbc, sidx
-
-
-def molecule(
-    rng: np.random.Generator,
-    n: int = 10,
-    spread: float = 2.2,
-    species: Sequence[int] = (1, 3, 6, 8, 9),
-) -> Atoms:
-    """A random compact cluster with realistic minimum distances (> 0.9 Å)."""
-    pos: list[np.ndarray] = []
-    while len(pos) < n:
-        p = rng.uniform(-spread, spread, 3)
-        if all(np.linalg.norm(p - q) > 0.9 for q in pos):
-            pos.append(p)
-    return Atoms(numbers=rng.choice(list(species), size=n), positions=np.array(pos))
 
 
 def small_box(rng: np.random.Generator) -> Atoms:
@@ -93,7 +71,7 @@ def model() -> MacePotential:
 
 def test_energy_is_invariant_and_forces_equivariant(model: MacePotential) -> None:
     rng = np.random.default_rng(1)
-    for a in (molecule(rng, 12), small_box(rng)):
+    for a in (molecule(rng, 12, spread=2.2), small_box(rng)):
         pos, z, cell, pbc, sidx = as_batch([a])
         base = evaluate(model, pos, z, cell, pbc, sidx)
         assert base.forces is not None
@@ -114,20 +92,8 @@ def test_energy_is_invariant_and_forces_equivariant(model: MacePotential) -> Non
 
 def test_forces_and_stress_match_finite_differences(model: MacePotential) -> None:
     rng = np.random.default_rng(2)
-    a = molecule(rng, 9)
-    pos, z, cell, pbc, sidx = as_batch([a])
-    charge = torch.tensor([1.0], dtype=F64)
-    out = evaluate(model, pos, z, cell, pbc, sidx, charge=charge)
-    assert out.forces is not None
-    h = 1e-5
-    for atom, axis in [(0, 0), (3, 1), (5, 2), (8, 0)]:
-        plus, minus = pos.clone(), pos.clone()
-        plus[atom, axis] += h
-        minus[atom, axis] -= h
-        ep = evaluate(model, plus, z, cell, pbc, sidx, charge=charge, forces=False).energy
-        em = evaluate(model, minus, z, cell, pbc, sidx, charge=charge, forces=False).energy
-        fd = -(float(ep[0]) - float(em[0])) / (2 * h)
-        assert float(out.forces[atom, axis]) == pytest.approx(fd, abs=1e-7)
+    a = molecule(rng, 9, spread=2.2)
+    assert_forces_match_finite_differences(model, a, [(0, 0), (3, 1), (5, 2), (8, 0)])
     # Stress by the strain derivative equals central differences of E under strain.
     box = small_box(rng)
     pos, z, cell, pbc, sidx = as_batch([box])
@@ -148,7 +114,7 @@ def test_forces_and_stress_match_finite_differences(model: MacePotential) -> Non
 
 
 def test_charge_shifts_energy_only(model: MacePotential) -> None:
-    a = molecule(np.random.default_rng(3), 8)
+    a = molecule(np.random.default_rng(3), 8, spread=2.2)
     pos, z, cell, pbc, sidx = as_batch([a])
     e0 = evaluate(model, pos, z, cell, pbc, sidx, charge=torch.tensor([0.0], dtype=F64))
     e1 = evaluate(model, pos, z, cell, pbc, sidx, charge=torch.tensor([1.0], dtype=F64))
@@ -159,7 +125,7 @@ def test_charge_shifts_energy_only(model: MacePotential) -> None:
 
 def test_batched_equals_one_at_a_time_and_skin_is_ignored(model: MacePotential) -> None:
     rng = np.random.default_rng(4)
-    systems = [molecule(rng, 7), small_box(rng), molecule(rng, 11)]
+    systems = [molecule(rng, 7, spread=2.2), small_box(rng), molecule(rng, 11, spread=2.2)]
     pos, z, cell, pbc, sidx = as_batch(systems)
     charge = torch.tensor([0.0, 0.0, 1.0], dtype=F64)
     batch = evaluate(model, pos, z, cell, pbc, sidx, charge=charge, stress=True)
@@ -188,7 +154,7 @@ def test_batched_equals_one_at_a_time_and_skin_is_ignored(model: MacePotential) 
 def test_rejects_unknown_elements_and_does_not_touch_caller_tensors(
     model: MacePotential,
 ) -> None:
-    a = molecule(np.random.default_rng(5), 6)
+    a = molecule(np.random.default_rng(5), 6, spread=2.2)
     pos, z, cell, pbc, sidx = as_batch([a])
     nl = neighbor_list(pos, cell, pbc, sidx, model.cutoff)
     e = model(pos, z, cell, sidx, nl.edge_index, nl.cell_offsets, 1)
@@ -210,7 +176,7 @@ def test_save_load_round_trip_and_calculator(model: MacePotential, tmp_path: Pat
     loaded = load_model(path).to(F64)
     assert isinstance(loaded, MacePotential)
     rng = np.random.default_rng(6)
-    systems = [molecule(rng, 8), small_box(rng)]
+    systems = [molecule(rng, 8, spread=2.2), small_box(rng)]
     pos, z, cell, pbc, sidx = as_batch(systems)
     ref = evaluate(model, pos, z, cell, pbc, sidx)
     got = evaluate(loaded, pos, z, cell, pbc, sidx)

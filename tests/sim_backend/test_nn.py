@@ -29,20 +29,14 @@ from sim_backend.nn.lj import LennardJones
 from sim_backend.nn.model import MomentPotential, load_model, save_model
 from sim_backend.nn.neighbors import neighbor_list
 from sim_backend.nn.train import train
+from tests.sim_backend.helpers import (
+    F64,
+    as_batch,
+    assert_forces_match_finite_differences,
+    molecule,
+)
 
 torch.set_num_threads(1)
-F64 = torch.float64
-
-
-def as_batch(
-    systems: Sequence[Atoms], dtype: torch.dtype = F64
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    pos = torch.tensor(np.concatenate([a.positions for a in systems]), dtype=dtype)
-    numbers = torch.tensor(np.concatenate([a.numbers for a in systems]), dtype=torch.long)
-    cell = torch.tensor(np.stack([a.cell.array for a in systems]), dtype=dtype)
-    pbc = torch.tensor(np.stack([a.pbc for a in systems]))
-    sidx = torch.cat([torch.full((len(a),), k) for k, a in enumerate(systems)])
-    return pos, numbers, cell, pbc, sidx
 
 
 def random_system(
@@ -54,16 +48,6 @@ def random_system(
     pos = rng.uniform(-0.2, 1.2, (n, 3)) @ cell  # some atoms outside the cell
     z = rng.choice([1, 6, 8], size=n)
     return Atoms(numbers=z, positions=pos, cell=cell, pbc=pbc)
-
-
-def molecule(rng: np.random.Generator, n: int = 12, spread: float = 2.5) -> Atoms:
-    """A random compact cluster with realistic minimum distances (> 0.9 Å)."""
-    pos: list[np.ndarray] = []
-    while len(pos) < n:
-        p = rng.uniform(-spread, spread, 3)
-        if all(np.linalg.norm(p - q) > 0.9 for q in pos):
-            pos.append(p)
-    return Atoms(numbers=rng.choice([1, 3, 6, 8, 9], size=n), positions=np.array(pos))
 
 
 def small_model(seed: int = 0, dtype: torch.dtype = F64) -> MomentPotential:
@@ -208,20 +192,7 @@ def test_model_invariance_and_force_equivariance() -> None:
 
 def test_model_forces_match_finite_differences() -> None:
     a = molecule(np.random.default_rng(3), 10)
-    model = small_model(1)
-    pos, z, cell, pbc, sidx = as_batch([a])
-    charge = torch.tensor([1.0], dtype=F64)
-    out = evaluate(model, pos, z, cell, pbc, sidx, charge=charge)
-    assert out.forces is not None
-    h = 1e-5
-    for atom, axis in [(0, 0), (3, 1), (7, 2), (9, 0)]:
-        plus, minus = pos.clone(), pos.clone()
-        plus[atom, axis] += h
-        minus[atom, axis] -= h
-        ep = evaluate(model, plus, z, cell, pbc, sidx, charge=charge, forces=False).energy
-        em = evaluate(model, minus, z, cell, pbc, sidx, charge=charge, forces=False).energy
-        fd = -(float(ep[0]) - float(em[0])) / (2 * h)
-        assert float(out.forces[atom, axis]) == pytest.approx(fd, abs=1e-7)
+    assert_forces_match_finite_differences(small_model(1), a, [(0, 0), (3, 1), (7, 2), (9, 0)])
 
 
 def numerical_stress(atoms: Atoms, d: float) -> np.ndarray:
