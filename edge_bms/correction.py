@@ -72,6 +72,7 @@ class CorrectionRecord(BaseModel):
 
 
 _TAUS = np.asarray(EMA_TAUS_S)
+_ALL = np.logical_and.reduce  # ndarray.all() without its Python wrapper
 
 
 def ema_step(
@@ -90,6 +91,12 @@ def ema_step(
     d *= alpha
     res: FloatArray = np.add(ema, d, out=out)
     return res
+
+
+@functools.lru_cache(maxsize=64)
+def _alpha_column(dt_s: float) -> FloatArray:
+    a: FloatArray = _alpha(dt_s)[:, None]  # [3, 1], read-only like _alpha's
+    return a
 
 
 @functools.lru_cache(maxsize=64)
@@ -210,7 +217,15 @@ class VoltageCorrectionNet:
         else:
             if ema is not io.ema:  # set elsewhere (load_state_dict): take it over
                 io.ema[...] = ema
-            ema_step(io.ema, i, inputs.dt_s, out=io.ema)
+            dt = inputs.dt_s
+            if isinstance(dt, float | int):
+                # ema_step's arithmetic on the contiguous [3, n] rows (the [n, 3] view is
+                # strided): the same values, fewer cache lines
+                d = np.subtract(i, io.ema_t)
+                d *= _alpha_column(float(dt))
+                io.ema_t += d
+            else:
+                ema_step(io.ema, i, dt, out=io.ema)
         self._ema = io.ema
         out = io.x
         out[:, 0] = inputs.soc
@@ -236,25 +251,26 @@ class VoltageCorrectionNet:
         np.greater_equal(io.x_flat, io.lo_flat, out=io.cmp[0])
         np.less_equal(io.x_flat, io.hi_flat, out=io.cmp[1])
         ok: BoolArray = io.all_ok
-        if not io.cmp.all():
+        if not _ALL(io.cmp_flat):
             both = io.cmp[0] & io.cmp[1]
             ok = cast(BoolArray, both.reshape(-1, len(FEATURES)).all(axis=1))
         self.session.run_with_iobinding(io.binding)  # writes io.out: [2, n, 1] float32
-        out = io.out.astype(np.float64)
-        return self._output(out[0, :, 0], out[1, :, 0], ok, ok is io.all_ok)
+        # new float64 arrays (the caller may keep them); exp computed in float64
+        dv: FloatArray = io.out_dv.astype(np.float64)
+        var: FloatArray = np.exp(io.out_log_var, dtype=np.float64)
+        return self._output(dv, var, ok, ok is io.all_ok)
 
     def _predict_plain(self, x: npt.NDArray[np.float32]) -> CorrectionOutput:
         """:meth:`predict` for any input onnxruntime takes (no preallocated buffers)."""
         ok = self.in_range(x)
         dv, log_var = self.session.run(self.output_names, {self.input_name: x})
         dv64 = dv[:, 0].astype(np.float64)
-        return self._output(dv64, log_var[:, 0].astype(np.float64), ok, bool(ok.all()))
+        var = np.exp(log_var[:, 0], dtype=np.float64)
+        return self._output(dv64, var, ok, bool(ok.all()))
 
-    def _output(
-        self, dv: FloatArray, log_var: FloatArray, ok: BoolArray, all_ok: bool
-    ) -> CorrectionOutput:
-        """The network's float64 outputs (``log_var`` is overwritten) as a correction."""
-        var = np.exp(log_var, out=log_var)
+    def _output(self, dv: FloatArray, var: FloatArray, ok: BoolArray, all_ok: bool) -> CorrectionOutput:
+        """The network's outputs (float64, ``var`` = exp(log_var), floored and inflated in
+        place) as a correction."""
         np.maximum(var, self.r_floor_v2, out=var)
         if self.r_inflation != 1.0:
             var *= self.r_inflation
@@ -294,7 +310,10 @@ class _IoBuffers:
         self.lo_flat = np.tile(net.lo, n)
         self.hi_flat = np.tile(net.hi, n)
         self.cmp = np.empty((2, n * m), dtype=bool)
+        self.cmp_flat = self.cmp.reshape(-1)  # a view
         self.out = np.empty((2, n, 1), dtype=np.float32)  # dv_v, log_var
+        self.out_dv = self.out[0, :, 0]  # [n] views
+        self.out_log_var = self.out[1, :, 0]
         self.ema_t = np.zeros((len(EMA_TAUS_S), n))
         self.ema = self.ema_t.T  # [n, 3] view: the net's _ema while it uses these buffers
         all_ok = np.ones(n, dtype=bool)

@@ -226,6 +226,9 @@ def _jsonable(a: FloatArray) -> list[float | None]:
 # ufunc reductions: the cheapest min/max numpy has (no wrapper, no keyword handling)
 _MIN = np.minimum.reduce
 _MAX = np.maximum.reduce
+_ALL = np.logical_and.reduce
+_F64 = np.dtype(np.float64)
+_BOOL = np.dtype(np.bool_)
 
 
 def pack_soc(soc: FloatArray, capacity_ah: FloatArray | float) -> float:
@@ -379,8 +382,8 @@ class PackEstimator:
         state = self._initial_state(i, v, temp) if self._state is None else self._state
         dt = 0.0 if self._last_ts is None else t_s - self._last_ts
         # per cell (the estimate and the network want [n]; the filter takes either)
-        i_n = i if i.ndim else np.full(n, float(i))
-        temp_n = temp if temp.ndim else np.full(n, float(temp))
+        i_n = i if i.ndim else _filled(n, float(i))
+        temp_n = temp if temp.ndim else _filled(n, float(temp))
 
         v_corr: FloatArray | None = None
         r_var: FloatArray | None = None
@@ -474,28 +477,35 @@ class PackEstimator:
         )
         try:
             out = self.correction.predict(self.correction.features(inputs))
-            dv = np.asarray(out.dv_v, dtype=float).reshape(-1)
-            used = np.asarray(out.used, dtype=bool).reshape(-1)
-            r = np.asarray(out.r_var_v2, dtype=float).reshape(-1)
-            if dv.shape != (n,) or used.shape != (n,) or r.shape != (n,):
-                raise ValueError(
-                    f"dv_v, used, r_var_v2 have shapes {dv.shape}, {used.shape}, {r.shape}; "
-                    f"expected ({n},)"
-                )
+            dv, used, r = out.dv_v, out.used, out.r_var_v2
+            # [n] float64/bool arrays as they come (edge_bms' network): no conversion
+            if not (
+                type(dv) is np.ndarray
+                and type(r) is np.ndarray
+                and type(used) is np.ndarray
+                and dv.shape == r.shape == used.shape == (n,)
+                and dv.dtype == r.dtype == _F64
+                and used.dtype == _BOOL
+            ):
+                dv = np.asarray(dv, dtype=float).reshape(-1)
+                used = np.asarray(used, dtype=bool).reshape(-1)
+                r = np.asarray(r, dtype=float).reshape(-1)
+                if dv.shape != (n,) or used.shape != (n,) or r.shape != (n,):
+                    raise ValueError(
+                        f"dv_v, used, r_var_v2 have shapes {dv.shape}, {used.shape}, "
+                        f"{r.shape}; expected ({n},)"
+                    )
         # A correction is an optional improvement: whatever goes wrong in it (onnxruntime
         # raises its own untyped errors), the plain filter must carry on, flagged.
         except Exception as exc:
             return None, None, None, f"error: {type(exc).__name__}: {exc}"
         # the usual step: every cell in range, every value finite (a dot product is
         # finite iff every entry is), every variance > 0; no masks to build
-        if (
-            used.all()
-            and math.isfinite(dv.dot(dv))
-            and math.isfinite(r.dot(r))
-            and float(np.fmin.reduce(r)) > 0
-        ):
-            # a copy: the flags outlive the step, a network may reuse its mask
-            return dv, r, used.copy(), ""
+        if _ALL(used) and math.isfinite(dv.dot(dv) + r.dot(r)) and _MIN(r) > 0:
+            # the flags outlive the step and a network may reuse its mask: a copy, unless
+            # it is a read-only array of its own (no writable base to change it through)
+            keep = not used.flags.writeable and used.base is None
+            return dv, r, used if keep else used.copy(), ""
         used = used & np.isfinite(dv)
         if not used.any():
             return None, None, used, "range"
@@ -771,6 +781,13 @@ class _Checkpoint(BaseModel):
     r0_scale: list[float]
     last_innovation: list[float | None]
     last_v_pred: list[float | None]
+
+
+def _filled(n: int, value: float) -> FloatArray:
+    """np.full(n, value) without its Python wrapper (the hot path's per-cell copies)."""
+    a = np.empty(n)
+    a.fill(value)
+    return a
 
 
 def _sane(new: npt.ArrayLike, old: FloatArray) -> FloatArray:
