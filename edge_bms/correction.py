@@ -209,7 +209,9 @@ class VoltageCorrectionNet:
         """
         i = np.asarray(inputs.current_a, dtype=float)
         n = i.shape[0]
-        io = self._buffers(n)
+        io = self._io
+        if io is None or io.x.shape[0] != n:
+            io = self._buffers(n)
         ema = self._ema
         if ema is None or ema.shape[0] != n:
             # A fresh start: the history is unknown, so the averages start at this current.
@@ -236,15 +238,16 @@ class VoltageCorrectionNet:
 
     def predict(self, x: npt.NDArray[np.float32]) -> CorrectionOutput:
         """Per cell: voltage correction, measurement variance, and whether it applied."""
-        if not (
-            isinstance(x, np.ndarray)
-            and x.dtype == np.float32
-            and x.ndim == 2
-            and x.shape[1] == len(FEATURES)
-        ):
-            return self._predict_plain(x)
-        io = self._buffers(x.shape[0])
-        if x is not io.x:
+        io = self._io
+        if io is None or x is not io.x:  # not the rows features() wrote: check them
+            if not (
+                isinstance(x, np.ndarray)
+                and x.dtype == np.float32
+                and x.ndim == 2
+                and x.shape[1] == len(FEATURES)
+            ):
+                return self._predict_plain(x)
+            io = self._buffers(x.shape[0])
             np.copyto(io.x, x)
         # the range check on the flat rows against bounds tiled to match (a [n, 6] compare
         # would loop over rows of 6); all in range is the usual step
