@@ -60,7 +60,7 @@ class BmsTrainConfig(BaseModel):
     var_floor_v2: float = Field(default=1e-6, gt=0, description="variance floor, V^2 (1 mV std)")
     seed: int = 0
     r_inflations: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0)
-    plain_noises_v: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16)
+    plain_noises_v: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
     max_rows_per_profile: int = Field(default=20000, ge=100)
 
 
