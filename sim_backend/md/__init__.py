@@ -1,4 +1,4 @@
-"""Batched molecular dynamics: state, integrators, stability monitoring, properties, runner.
+"""Batched molecular dynamics: state, integrators, MC barostat, stability, properties, runner.
 
 Submodules import torch and ase; this package's ``__init__`` stays light by resolving the
 public names lazily on first attribute access.
@@ -10,6 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sim_backend.md.barostat import (
+        BarostatStats,
+        barostat_stats,
+        mc_barostat_step,
+        record_attempt,
+        scale_molecules,
+    )
     from sim_backend.md.integrators import (
         conserved_energy,
         csvr_init,
@@ -35,6 +42,11 @@ _EXPORTS: dict[str, str] = {
     "langevin_init": "integrators",
     "langevin_step": "integrators",
     "conserved_energy": "integrators",
+    "BarostatStats": "barostat",
+    "barostat_stats": "barostat",
+    "mc_barostat_step": "barostat",
+    "record_attempt": "barostat",
+    "scale_molecules": "barostat",
     "StabilityMonitor": "stability",
     "make_monitor": "stability",
     "check_stability": "stability",
@@ -45,9 +57,11 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "BarostatStats",
     "MDState",
     "StabilityMonitor",
     "Trajectory",
+    "barostat_stats",
     "check_stability",
     "conserved_energy",
     "csvr_init",
@@ -56,9 +70,12 @@ __all__ = [
     "langevin_init",
     "langevin_step",
     "make_monitor",
+    "mc_barostat_step",
     "nve_init",
     "nve_step",
+    "record_attempt",
     "run_md",
+    "scale_molecules",
     "simulate",
     "state_from_atoms",
     "state_to_atoms",

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from sim_backend.errors import SimInputError
+from sim_backend.md import barostat as baro
 from sim_backend.md import integrators as integ
 from sim_backend.md.properties import (
+    AMU_G,
     FloatArray,
     cell_volume,
     coordination_number,
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
     from sim_backend.nn.potential import Potential
 
-Ensemble = Literal["nve", "csvr", "langevin"]
+Ensemble = Literal["nve", "csvr", "langevin", "npt"]
 ProgressT = bool | Callable[[int, int], None]
 
 #: Langevin friction of the equilibration (1/fs): a freshly packed box releases its
@@ -57,7 +59,9 @@ class Trajectory:
     """Sampled frames of a batched run (numpy, float64).
 
     ``positions`` [F,N,3] are unwrapped (ready for MSD); energies and temperatures are [F,S];
-    ``alive`` [F,S] says which replicas were still running at each frame.
+    ``alive`` [F,S] says which replicas were still running at each frame. ``cells`` [S,3,3]
+    are the final cells and ``volumes`` [F,S] (Å^3) the volume at each frame, which only
+    changes under ``npt``; ``barostat`` holds the MC barostat's step sizes and acceptance.
     """
 
     times_fs: FloatArray
@@ -78,10 +82,17 @@ class Trajectory:
     system_rebuilds: list[int]
     wall_s: float
     final_state: MDState | None = field(default=None, repr=False)
+    volumes: FloatArray = field(default_factory=lambda: np.zeros((0, 0)))
+    barostat: dict[str, Any] | None = None
 
     def atoms_of(self, system: int) -> np.ndarray:
         """Atom indices [n_s] of one replica."""
         return np.nonzero(self.system_idx == system)[0]
+
+    def densities_g_cm3(self) -> FloatArray:
+        """Mass density of every replica at every frame [F,S] in g/cm³ (from ``volumes``)."""
+        mass_g = np.bincount(self.system_idx, weights=self.masses) * AMU_G
+        return np.asarray(mass_g[None, :] / (self.volumes * 1e-24), dtype=np.float64)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able run summary (no per-frame arrays)."""
@@ -99,7 +110,7 @@ class Trajectory:
             "wall_s": self.wall_s,
             "atom_steps_per_s": n_atoms * steps / self.wall_s if self.wall_s > 0 else 0.0,
             "stability": self.stability,
-        }
+        } | ({"barostat": self.barostat} if self.barostat is not None else {})
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
@@ -136,11 +147,23 @@ def simulate(
     friction_per_fs: float = 0.01,
     check_every: int | None = None,
     progress: ProgressT = False,
+    pressure_bar: float = baro.ATM_BAR,
+    barostat_every: int = 25,
+    max_dlnv: float = 0.01,
+    barostat_adapt: bool = True,
 ) -> Trajectory:
     """Advance an initialised state ``n_steps``, sampling every ``sample_every`` steps.
 
     Stability is checked every ``check_every`` steps (default: ``sample_every``); a
     stopped replica is frozen at its last checked positions.
+
+    ``ensemble="npt"``: CSVR steps (``tau_fs``) plus, every ``barostat_every`` steps, one
+    Monte Carlo volume move per replica at ``pressure_bar`` with molecular centre-of-mass
+    scaling (:mod:`sim_backend.md.barostat`); molecules are the t=0 bond graph of
+    ``monitor``. The ln V step starts at ``max_dlnv`` and, with ``barostat_adapt``, adapts
+    per replica towards 25-75 % acceptance; adapting bends detailed balance, so run the
+    averaging stage with ``barostat_adapt=False`` (and the step the equilibration found).
+    The other ensembles ignore the barostat parameters.
     """
     if n_steps < 0:
         raise SimInputError(f"n_steps must be >= 0, got {n_steps}")
@@ -149,6 +172,11 @@ def simulate(
     check = sample_every if check_every is None else check_every
     if check < 1:
         raise SimInputError(f"check_every must be >= 1, got {check}")
+    baro.check_pressure(pressure_bar)
+    if not (isinstance(barostat_every, int) and barostat_every >= 1):
+        raise SimInputError(f"barostat_every must be an integer >= 1, got {barostat_every}")
+    if not (math.isfinite(max_dlnv) and max_dlnv > 0):
+        raise SimInputError(f"max_dlnv must be finite and > 0, got {max_dlnv}")
     step_fn: Callable[[MDState], MDState]
     if ensemble == "nve":
         step_fn = lambda s: integ.nve_step(s, model, timestep_fs)  # noqa: E731
@@ -160,11 +188,25 @@ def simulate(
         step_fn = lambda s: integ.langevin_step(  # noqa: E731
             s, model, timestep_fs, temperature_k=temperature_k, friction_per_fs=friction_per_fs
         )
+    elif ensemble == "npt":
+        step_fn = lambda s: integ.csvr_step(  # noqa: E731
+            s, model, timestep_fs, temperature_k=temperature_k, tau_fs=tau_fs
+        )
     else:
-        raise SimInputError(f"ensemble must be 'nve', 'csvr' or 'langevin', got {ensemble!r}")
+        raise SimInputError(
+            f"ensemble must be 'nve', 'csvr', 'langevin' or 'npt', got {ensemble!r}"
+        )
+    stats: baro.BarostatStats | None = None
+    mol_idx: torch.Tensor | None = None
+    if ensemble == "npt":
+        if not (temperature_k > 0 and math.isfinite(temperature_k)):
+            raise SimInputError(f"temperature_k must be > 0 for npt, got {temperature_k}")
+        labels, _ = molecules(state, monitor)
+        mol_idx = torch.as_tensor(labels, dtype=torch.long, device=state.device)
+        stats = baro.barostat_stats(state, max_dlnv)
 
     frames: dict[str, list[Any]] = {
-        k: [] for k in ("t", "x", "epot", "ekin", "econs", "T", "alive")
+        k: [] for k in ("t", "x", "epot", "ekin", "econs", "T", "alive", "V")
     }
 
     def sample(s: MDState, k: int) -> None:
@@ -175,6 +217,7 @@ def simulate(
         frames["econs"].append(integ.conserved_energy(s).detach().double().cpu().numpy())
         frames["T"].append(temperature(s).detach().double().cpu().numpy())
         frames["alive"].append(s.alive.cpu().numpy())
+        frames["V"].append(baro.cell_volumes(s.cell).detach().double().cpu().numpy())
 
     tick, bar = _progress_fn(progress, n_steps, f"MD {ensemble}")
     t0 = time.perf_counter()
@@ -184,6 +227,12 @@ def simulate(
     try:
         for k in range(1, n_steps + 1):
             state = step_fn(state)
+            if stats is not None and mol_idx is not None and k % barostat_every == 0:
+                state, accepted = baro.mc_barostat_step(
+                    state, model, pressure_bar=pressure_bar, temperature_k=temperature_k,
+                    molecule_idx=mol_idx, max_dlnv=stats.max_dlnv,
+                )  # fmt: skip
+                stats = baro.record_attempt(stats, accepted, state.alive, adapt=barostat_adapt)
             if k % check == 0 or k == n_steps:
                 state = check_stability(state, monitor, fallback_positions=fallback)
                 fallback = state.positions.detach().clone()
@@ -217,6 +266,8 @@ def simulate(
         system_rebuilds=cache.system_rebuilds.tolist() if cache is not None else [],
         wall_s=wall,
         final_state=state,
+        volumes=np.stack(frames["V"]),
+        barostat=stats.to_dict() if stats is not None else None,
     )
 
 
@@ -239,12 +290,18 @@ def run_md(
     max_bond_deviation: float = 0.5,
     max_energy_drift_per_atom: float = 0.05,
     check_every: int | None = None,
+    pressure_bar: float = baro.ATM_BAR,
+    barostat_every: int = 25,
+    max_dlnv: float = 0.01,
+    barostat_adapt: bool = True,
 ) -> Trajectory:
     """Run all ``replicas`` as one batch and return the sampled trajectory.
 
     Momenta come from the Atoms if set, else Maxwell-Boltzmann at ``temperature_k``
     (replica s seeded ``seed + s``). ``model`` is moved to ``device``/``dtype`` in place.
-    ``device=None`` picks CUDA when available.
+    ``device=None`` picks CUDA when available. ``ensemble="npt"`` adds the Monte Carlo
+    barostat to CSVR (``pressure_bar``, ``barostat_every``, ``max_dlnv``, ``barostat_adapt``; see
+    :func:`simulate`).
     """
     dev = _pick_device(device)
     model.to(device=dev, dtype=dtype)
@@ -270,6 +327,10 @@ def run_md(
         friction_per_fs=friction_per_fs,
         check_every=check_every,
         progress=progress,
+        pressure_bar=pressure_bar,
+        barostat_every=barostat_every,
+        max_dlnv=max_dlnv,
+        barostat_adapt=barostat_adapt,
     )
 
 

@@ -303,7 +303,7 @@ def test_float32_run_and_bad_inputs() -> None:
     )  # fmt: skip
     assert tr.final_state is not None and tr.final_state.dtype == torch.float32
     with pytest.raises(SimInputError, match="ensemble"):
-        run_md([argon(2)], lj64(), ensemble="npt", dtype=torch.float64)  # type: ignore[arg-type]
+        run_md([argon(2)], lj64(), ensemble="npe", dtype=torch.float64)  # type: ignore[arg-type]
     with pytest.raises(SimInputError, match="timestep_fs"):
         run_md([argon(2)], lj64(), timestep_fs=-1.0, dtype=torch.float64)
     with pytest.raises(SimInputError, match="replicas"):
