@@ -271,7 +271,9 @@ class VoltageCorrectionNet:
         var = np.exp(log_var[:, 0], dtype=np.float64)
         return self._output(dv64, var, ok, bool(ok.all()))
 
-    def _output(self, dv: FloatArray, var: FloatArray, ok: BoolArray, all_ok: bool) -> CorrectionOutput:
+    def _output(
+        self, dv: FloatArray, var: FloatArray, ok: BoolArray, all_ok: bool
+    ) -> CorrectionOutput:
         """The network's outputs (float64, ``var`` = exp(log_var), floored and inflated in
         place) as a correction."""
         np.maximum(var, self.r_floor_v2, out=var)
