@@ -64,7 +64,8 @@ def check_pressure(pressure_bar: float) -> None:
         raise SimInputError(f"pressure_bar must be a finite number >= 0, got {pressure_bar}")
 
 
-def _check_max_dlnv(max_dlnv: float | torch.Tensor, n_systems: int) -> None:
+def check_max_dlnv(max_dlnv: float | torch.Tensor, n_systems: int) -> None:
+    """Raise :class:`SimInputError` unless ``max_dlnv`` is finite and > 0 (a number or [S])."""
     if isinstance(max_dlnv, torch.Tensor):
         if max_dlnv.shape not in ((), (n_systems,)):
             raise SimInputError(
@@ -169,18 +170,18 @@ class BarostatStats:
         }
 
 
-def barostat_stats(state: MDState, max_dlnv: float = 0.01) -> BarostatStats:
-    """Fresh counters for ``state``'s systems, every step starting at ``max_dlnv``.
+def barostat_stats(state: MDState, max_dlnv: float | torch.Tensor = 0.01) -> BarostatStats:
+    """Fresh counters for ``state``'s systems, the steps starting at ``max_dlnv`` (a number,
+    or one per system [S], e.g. what an equilibration run adapted them to).
 
     0.01 in ln V (1 % of the volume, OpenMM's default start) suits a liquid box of a few
     hundred to a few thousand atoms; :func:`record_attempt` adapts it per system.
     """
-    _check_max_dlnv(max_dlnv, state.n_systems)
+    check_max_dlnv(max_dlnv, state.n_systems)
     zeros = torch.zeros(state.n_systems, dtype=torch.long, device=state.device)
+    step = torch.as_tensor(max_dlnv, dtype=state.dtype, device=state.device)
     return BarostatStats(
-        max_dlnv=torch.full(
-            (state.n_systems,), float(max_dlnv), dtype=state.dtype, device=state.device
-        ),
+        max_dlnv=step.expand(state.n_systems).clone(),
         attempted=zeros,
         accepted=zeros.clone(),
         window_attempted=zeros.clone(),
@@ -286,7 +287,7 @@ def mc_barostat_step(
     if not (math.isfinite(temperature_k) and temperature_k > 0):
         raise SimInputError(f"temperature_k must be a finite number > 0, got {temperature_k}")
     n_sys = state.n_systems
-    _check_max_dlnv(max_dlnv, n_sys)
+    check_max_dlnv(max_dlnv, n_sys)
     if molecule_idx.shape != (state.n_atoms,):
         raise SimInputError(
             f"molecule_idx must have shape [N] = {(state.n_atoms,)}, "

@@ -149,7 +149,7 @@ def simulate(
     progress: ProgressT = False,
     pressure_bar: float = baro.ATM_BAR,
     barostat_every: int = 25,
-    max_dlnv: float = 0.01,
+    max_dlnv: float | torch.Tensor = 0.01,
     barostat_adapt: bool = True,
 ) -> Trajectory:
     """Advance an initialised state ``n_steps``, sampling every ``sample_every`` steps.
@@ -175,8 +175,7 @@ def simulate(
     baro.check_pressure(pressure_bar)
     if not (isinstance(barostat_every, int) and barostat_every >= 1):
         raise SimInputError(f"barostat_every must be an integer >= 1, got {barostat_every}")
-    if not (math.isfinite(max_dlnv) and max_dlnv > 0):
-        raise SimInputError(f"max_dlnv must be finite and > 0, got {max_dlnv}")
+    baro.check_max_dlnv(max_dlnv, state.n_systems)
     step_fn: Callable[[MDState], MDState]
     if ensemble == "nve":
         step_fn = lambda s: integ.nve_step(s, model, timestep_fs)  # noqa: E731

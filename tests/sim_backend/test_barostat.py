@@ -261,6 +261,12 @@ def test_step_size_adapts_per_system() -> None:
     assert stats.attempted.tolist() == [10, 10, 10] and stats.accepted.tolist() == [10, 0, 5]
     assert stats.window_attempted.tolist() == [0, 0, 0]
     assert stats.acceptance == pytest.approx([1.0, 0.0, 0.5])
+    # a later stage starts from the adapted steps, one per system
+    again = baro.barostat_stats(st, stats.max_dlnv)
+    assert again.max_dlnv.tolist() == pytest.approx([0.022, 0.018, 0.02])
+    assert again.attempted.tolist() == [0, 0, 0]
+    with pytest.raises(SimInputError, match="max_dlnv"):
+        baro.barostat_stats(st, torch.tensor([0.01, 0.02]))
 
 
 def test_npt_run_records_volumes_and_keeps_other_ensembles() -> None:
