@@ -50,6 +50,8 @@ ACCEPT_HIGH: float = 0.75
 #: Largest allowed step in ln V: a box scaled by more than ~18 % in length in one move is
 #: a sign of a broken setup, and the cap stops the adaptation from running away at P ~ 0.
 MAX_DLNV_CAP: float = 0.5
+#: ...and the smallest: a replica that accepts nothing for a long time keeps a usable step.
+MIN_DLNV: float = 1e-6
 
 
 def pressure_ev_per_a3(pressure_bar: float) -> float:
@@ -126,7 +128,16 @@ def scale_molecules(
     cell_a = cell[system_idx]
     inv = torch.linalg.inv(cell)[system_idx]
     d = positions - positions[first][mol]
-    image = torch.round(torch.einsum("ni,nij->nj", d, inv))
+    frac = torch.einsum("ni,nij->nj", d, inv)
+    image = torch.round(frac)
+    # the nearest image is the molecule's own only while every atom lies within half a box
+    # of the molecule's first atom; past that the rounding would tear the molecule apart
+    spread = (frac - image).abs().amax() if frac.numel() else frac.new_zeros(())
+    if float(spread) > 0.45:
+        raise SimInputError(
+            f"molecule_idx: a molecule spans {float(spread):.2f} of a box edge from its first "
+            "atom (> 0.45); the box is too small for molecular scaling"
+        )
     offset = torch.einsum("ni,nij->nj", image, cell_a)  # x - (whole-molecule x), [N,3]
     d_whole = d - offset
     m = masses.unsqueeze(-1)
@@ -222,7 +233,8 @@ def record_attempt(
                 ratio < ACCEPT_LOW, torch.full_like(max_dlnv, 0.9), torch.ones_like(max_dlnv)
             ),
         )
-        max_dlnv = torch.where(full, (max_dlnv * factor).clamp(max=MAX_DLNV_CAP), max_dlnv)
+        stepped = (max_dlnv * factor).clamp(min=MIN_DLNV, max=MAX_DLNV_CAP)
+        max_dlnv = torch.where(full, stepped, max_dlnv)
         w_att = torch.where(full, torch.zeros_like(w_att), w_att)
         w_acc = torch.where(full, torch.zeros_like(w_acc), w_acc)
     return BarostatStats(

@@ -173,7 +173,9 @@ def simulate(
     if check < 1:
         raise SimInputError(f"check_every must be >= 1, got {check}")
     baro.check_pressure(pressure_bar)
-    if not (isinstance(barostat_every, int) and barostat_every >= 1):
+    if isinstance(barostat_every, bool) or not (
+        isinstance(barostat_every, int) and barostat_every >= 1
+    ):
         raise SimInputError(f"barostat_every must be an integer >= 1, got {barostat_every}")
     baro.check_max_dlnv(max_dlnv, state.n_systems)
     step_fn: Callable[[MDState], MDState]
@@ -221,6 +223,7 @@ def simulate(
     tick, bar = _progress_fn(progress, n_steps, f"MD {ensemble}")
     t0 = time.perf_counter()
     fallback = state.positions.detach().clone()
+    fallback_cell = state.cell.detach().clone()
     state = check_stability(state, monitor, fallback_positions=fallback)
     sample(state, 0)
     try:
@@ -233,8 +236,11 @@ def simulate(
                 )  # fmt: skip
                 stats = baro.record_attempt(stats, accepted, state.alive, adapt=barostat_adapt)
             if k % check == 0 or k == n_steps:
-                state = check_stability(state, monitor, fallback_positions=fallback)
+                state = check_stability(
+                    state, monitor, fallback_positions=fallback, fallback_cell=fallback_cell
+                )
                 fallback = state.positions.detach().clone()
+                fallback_cell = state.cell.detach().clone()
             if k % sample_every == 0:
                 sample(state, k)
             if k % 10 == 0 or k == n_steps:

@@ -148,12 +148,15 @@ def check_stability(
     monitor: StabilityMonitor,
     *,
     fallback_positions: torch.Tensor | None = None,
+    fallback_cell: torch.Tensor | None = None,
 ) -> MDState:
     """Stop and flag replicas that fail a criterion; returns the state with ``alive`` updated.
 
     Newly stopped replicas get zero momenta and, if ``fallback_positions`` (the last checked,
     finite positions) is given, those positions, so a frozen replica never feeds NaNs or
-    exploded coordinates to the neighbour builder. Events are appended to ``monitor.events``.
+    exploded coordinates to the neighbour builder; ``fallback_cell`` (the cells at that
+    check) goes with them, since a barostat may have moved the cell since. Events are
+    appended to ``monitor.events``.
     """
     n_sys = state.n_systems
     sidx = state.system_idx
@@ -196,6 +199,11 @@ def check_stability(
     positions = state.positions
     if fallback_positions is not None:
         positions = torch.where(dead_a, fallback_positions, positions)
+    cell = state.cell
+    if fallback_cell is not None:
+        cell = torch.where(newly[:, None, None], fallback_cell, cell)
     momenta = torch.where(dead_a, torch.zeros_like(state.momenta), state.momenta)
     forces = torch.where(dead_a, torch.zeros_like(state.forces), state.forces)
-    return state.replace(alive=alive, positions=positions, momenta=momenta, forces=forces)
+    return state.replace(
+        alive=alive, positions=positions, cell=cell, momenta=momenta, forces=forces
+    )

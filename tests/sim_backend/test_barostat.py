@@ -322,3 +322,41 @@ def test_bad_inputs_name_the_field() -> None:
         run_md([argon()], LennardJones(cutoff=7.5), pressure_bar=-5.0, **common)  # type: ignore[arg-type]
     with pytest.raises(SimInputError, match="max_dlnv"):
         run_md([argon()], LennardJones(cutoff=7.5), max_dlnv=-0.1, **common)  # type: ignore[arg-type]
+
+
+def test_a_molecule_too_large_for_its_box_is_refused() -> None:
+    """Nearest-image centres need every atom within half a box of its molecule's first
+    atom; an N2 stretched to 0.48 of the box is refused instead of torn apart."""
+    gas = n2_gas(2, 10.0, 0)
+    st = state_from_atoms([gas], dtype=F64)
+    ids = pair_ids(st)
+    pos = st.positions.clone()
+    pos[1] = pos[0] + torch.tensor([4.8, 0.0, 0.0], dtype=F64)
+    with pytest.raises(SimInputError, match="too small for molecular scaling"):
+        baro.scale_molecules(pos, st.masses, st.cell, st.system_idx, ids, torch.ones(1, dtype=F64))
+    pos[1] = pos[0] + torch.tensor([4.0, 0.0, 0.0], dtype=F64)  # 0.40 of the box: fine
+    out = baro.scale_molecules(
+        pos, st.masses, st.cell, st.system_idx, ids, torch.ones(1, dtype=F64)
+    )
+    assert torch.equal(out, pos)
+
+
+def test_a_replica_stopped_after_a_volume_move_gets_its_checked_cell_back() -> None:
+    """The stability check restores a newly stopped replica's positions *and* cell to the
+    last check (a barostat may have scaled the cell since); live replicas keep theirs."""
+    from sim_backend.md.stability import check_stability, make_monitor
+
+    st = integ.md_init(state_from_atoms([n2_gas(2, 10.0, s) for s in range(2)], dtype=F64),
+                       Zero(), skin=0.0)  # fmt: skip
+    monitor = make_monitor(st)
+    checked_pos, checked_cell = st.positions.clone(), st.cell.clone()
+    moved = st.replace(cell=st.cell * 1.05, positions=st.positions * 1.05)
+    forces = moved.forces.clone()
+    forces[0, 0] = float("nan")  # replica 0 fails its check
+    out = check_stability(moved.replace(forces=forces), monitor,
+                          fallback_positions=checked_pos, fallback_cell=checked_cell)  # fmt: skip
+    assert out.alive.tolist() == [False, True]
+    assert torch.equal(out.cell[0], checked_cell[0]) and torch.equal(out.cell[1], moved.cell[1])
+    first = out.system_idx == 0
+    assert torch.equal(out.positions[first], checked_pos[first])
+    assert torch.equal(out.positions[~first], moved.positions[~first])
