@@ -502,10 +502,8 @@ class PackEstimator:
         # the usual step: every cell in range, every value finite (a dot product is
         # finite iff every entry is), every variance > 0; no masks to build
         if _ALL(used) and math.isfinite(dv.dot(dv) + r.dot(r)) and _MIN(r) > 0:
-            # the flags outlive the step and a network may reuse its mask: a copy, unless
-            # it is a read-only array of its own (no writable base to change it through)
-            keep = not used.flags.writeable and used.base is None
-            return dv, r, used if keep else used.copy(), ""
+            # a copy: the flags outlive the step, a network may reuse its mask
+            return dv, r, used.copy(), ""
         used = used & np.isfinite(dv)
         if not used.any():
             return None, None, used, "range"

@@ -205,7 +205,7 @@ def _predict(
         k = np.divide(dt, 3600.0 * q)
     i = state.current_a
     # a series string's 0-d current as a float: a Python product, not a numpy call
-    np.subtract(state.x[0], k * (float(i) if i.ndim == 0 else i), out=x[0])
+    np.subtract(state.x[0], k * (float(i) if np.ndim(i) == 0 else i), out=x[0])
     q0 = noise.soc_per_sqrt_s**2 * dt
     if noise.current_a > 0:
         q0 = q0 + np.square(k * noise.current_a)
