@@ -59,7 +59,7 @@ class BmsTrainConfig(BaseModel):
     soc_jitter: float = Field(default=0.02, ge=0, description="std of the SOC feature noise")
     var_floor_v2: float = Field(default=1e-6, gt=0, description="variance floor, V^2 (1 mV std)")
     seed: int = 0
-    r_inflations: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 128.0, 256.0)
+    r_inflations: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0)
     plain_noises_v: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
     max_rows_per_profile: int = Field(default=20000, ge=100)
 
