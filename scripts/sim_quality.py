@@ -224,6 +224,20 @@ def ec_density(args: Any, path: Path, report: dict[str, Any]) -> None:
     means = rho_all.mean(0)
     value = float(means.mean())
     error = float(means.std(ddof=1) / np.sqrt(means.size)) if means.size > 1 else float("nan")
+    # Converged? Still drifting: each replica's second half minus its first (paired, so
+    # the replicas' spread cancels); remembering the start: the 1.32 starts minus the 1.15
+    # starts. Either beyond 2 standard errors says run longer.
+    half = rho_all.shape[0] // 2
+    d = rho_all[half:].mean(0) - rho_all[:half].mean(0)
+    drift = float(d.mean())
+    drift_err = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("inf")
+    high = means[np.asarray(starts)[alive] > 1.2]
+    low = means[np.asarray(starts)[alive] <= 1.2]
+    memory, memory_err = float("nan"), float("nan")
+    if high.size > 1 and low.size > 1:
+        memory = float(high.mean() - low.mean())
+        memory_err = float(np.sqrt(high.var(ddof=1) / high.size + low.var(ddof=1) / low.size))
+    converged = abs(drift) <= 2 * drift_err and not abs(memory) > 2 * memory_err
     report["ec_density_313K"] = {
         "value_g_cm3": value,
         "error_g_cm3": error,
@@ -233,12 +247,23 @@ def ec_density(args: Any, path: Path, report: dict[str, Any]) -> None:
         "equil_ps": args.npt_equil_ps,
         "avg_ps": args.npt_ps,
         "experiment_g_cm3": EC_DENSITY_EXP,
+        "drift_second_minus_first_half_g_cm3": drift,
+        "drift_error_g_cm3": drift_err,
+        "start_memory_high_minus_low_g_cm3": memory,
+        "start_memory_error_g_cm3": memory_err,
+        "converged": converged,
     }
     print(
         f"  density(EC, 313 K, 1 atm) = {value:.3f} +- {error:.3f} g/cm3 over {means.size} "
         f"replicas (experiment {EC_DENSITY_EXP}); replica means "
         + " ".join(f"{x:.3f}" for x in means)
     )
+    if not converged:
+        print(
+            f"  warning: not converged: second half minus first {drift:+.3f} +- {drift_err:.3f}, "
+            f"high starts minus low {memory:+.3f} +- {memory_err:.3f} g/cm3; run longer "
+            "(--npt-equil-ps, --npt-ps)"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1, default=str))
 
