@@ -171,13 +171,16 @@ def time_estimator(
     return per_step_us(run, 20, seconds)
 
 
-def time_ekf_step(cell: CellModel, data: Samples, seconds: float) -> float:
-    n = data.voltage.shape[1]
-    est = PackEstimator(cell, n, noise=NOISE)
+def _first_state(cell: CellModel, data: Samples) -> FilterState:
+    """The filter state after the samples' first step (an OCV start), to time from."""
+    est = PackEstimator(cell, data.voltage.shape[1], noise=NOISE)
     est.step(0.0, data.current[0], data.voltage[0], data.temperature[0])
-    first = est.state
-    assert first is not None
-    state: list[FilterState] = [first]
+    assert est.state is not None
+    return est.state
+
+
+def time_ekf_step(cell: CellModel, data: Samples, seconds: float) -> float:
+    state = [_first_state(cell, data)]
     settings = EkfSettings()
     pos = [1]
 
@@ -205,11 +208,7 @@ def time_kernels(cell: CellModel, data: Samples, seconds: float, net: Any) -> fl
     ``ekf_step`` with its correction and variance (no input checks, hooks or estimate
     object: what PackEstimator.step adds on top)."""
     n = data.voltage.shape[1]
-    est = PackEstimator(cell, n, noise=NOISE)
-    est.step(0.0, data.current[0], data.voltage[0], data.temperature[0])
-    first = est.state
-    assert first is not None
-    state: list[FilterState] = [first]
+    state = [_first_state(cell, data)]
     settings = EkfSettings()
     zeros = np.zeros(n)
     net.load_state_dict({"ema": None})
