@@ -94,12 +94,6 @@ def ema_step(
 
 
 @functools.lru_cache(maxsize=64)
-def _alpha_column(dt_s: float) -> FloatArray:
-    a: FloatArray = _alpha(dt_s)[:, None]  # [3, 1], read-only like _alpha's
-    return a
-
-
-@functools.lru_cache(maxsize=64)
 def _alpha(dt_s: float) -> FloatArray:
     # A pack sampled at a fixed rate asks for the same few dt values: compute them once.
     a: FloatArray = -np.expm1(-dt_s / _TAUS)
@@ -219,15 +213,7 @@ class VoltageCorrectionNet:
         else:
             if ema is not io.ema:  # set elsewhere (load_state_dict): take it over
                 io.ema[...] = ema
-            dt = inputs.dt_s
-            if isinstance(dt, float | int):
-                # ema_step's arithmetic on the contiguous [3, n] rows (the [n, 3] view is
-                # strided): the same values, fewer cache lines
-                d = np.subtract(i, io.ema_t)
-                d *= _alpha_column(float(dt))
-                io.ema_t += d
-            else:
-                ema_step(io.ema, i, dt, out=io.ema)
+            ema_step(io.ema, i, inputs.dt_s, out=io.ema)
         self._ema = io.ema
         out = io.x
         out[:, 0] = inputs.soc
