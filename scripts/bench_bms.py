@@ -225,12 +225,13 @@ def time_kernels(cell: CellModel, data: Samples, seconds: float, net: Any) -> fl
                 innovation=zeros, v_pred=zeros,
             )  # fmt: skip
             out = net.predict(net.features(inputs))
+            # cells out of range: dv is 0 already, the variance NaN -> the filter's own
+            var = out.r_var_v2
+            if not out.used.all():
+                var = np.where(out.used, var, NOISE.voltage_v**2)
             r = ekf_step(
                 cell, st, data.current[k], data.voltage[k], data.temperature[k], 1.0, NOISE,
-                np.where(out.used, out.dv_v, 0.0) if not out.used.all() else out.dv_v,
-                measurement_var=np.where(out.used, out.r_var_v2, NOISE.voltage_v**2)
-                if not out.used.all() else out.r_var_v2,
-                settings=settings,
+                out.dv_v, measurement_var=var, settings=settings,
             )  # fmt: skip
             state[0] = r.state
             pos[0] = k + 1 if k + 1 < data.t.size else 1

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/sim_quality.py [--model default] [--data DATA.extxyz]
         [--stability-replicas 16] [--stability-ps 5] [--stability-chunk-ps 5]
-        [--ec-molecules 32] [--ec-ps 10]
+        [--ec-molecules 32] [--ec-ps 10] [--npt-ps 0] [--npt-equil-ps 10]
         [--timestep 0.5] [--json OUT.json]
 
 1. Energy and force MAE against GFN2-xTB on the data's held-out test split, overall and
@@ -13,12 +13,12 @@
    forces), with each stop's reason. The issue's figure is 100 ps; on CPU that is hours
    (8 replicas at 1 fs: about 80 minutes on one core), so it runs in chunks of
    ``--stability-chunk-ps``, printing the stable count and writing ``--json`` after each.
-4. ``--npt-ps``: the model's own density of liquid EC at 313 K and 1 atm (NPT, Monte
-   Carlo barostat), from starts above and below it.
 3. Liquid EC at 313 K: a box of ``--ec-molecules`` at the experimental density
    (1.32 g/cm3; NVT, so the density is an input, not a prediction), 4 replicas, the
    self-diffusion coefficient of EC (centre-of-mass MSD, error over replicas) next to
    experiment (~1e-9 m2/s order; see docs/sim_backend.md).
+4. ``--npt-ps``: the model's own density of liquid EC at 313 K and 1 atm (NPT, Monte
+   Carlo barostat), from starts above and below it.
 
 Prints progress and a table; ``--json`` writes every number.
 """
@@ -118,22 +118,28 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
+def _start(
+    path: Path, boxes: list[Any], temperature_k: float, *, seed: int
+) -> tuple[Any, Any, Any]:
+    """The model (float32, CPU), the batched state with forces and neighbours, and the
+    stability monitor of a run that ``simulate`` then continues chunk by chunk."""
+    model = load_model(path).to(dtype=torch.float32)
+    state = state_from_atoms(
+        boxes, temperature_k=temperature_k, seed=seed, device=torch.device("cpu"),
+        dtype=torch.float32,
+    )  # fmt: skip
+    state = md_init(state, model, skin=1.0)
+    monitor = make_monitor(state, max_bond_deviation=0.5, max_energy_drift_per_atom=0.05)
+    return model, state, monitor
+
+
 def stability(args: Any, path: Path, steps: int, report: dict[str, Any]) -> None:
     """Replicas of an EC8 box under CSVR at 300 K, run in chunks of
     ``--stability-chunk-ps``: after each chunk the stable count is printed and, with
     ``--json``, the report so far is written (a run of hours keeps what it measured)."""
     print(f"stability: {args.stability_replicas} x EC8 box, 300 K CSVR, {steps} steps")
     box = solvent_box({"EC": 8}, density=EC_DENSITY_EXP, seed=1)
-    model = load_model(path).to(dtype=torch.float32)
-    state = state_from_atoms(
-        [box] * args.stability_replicas,
-        temperature_k=300.0,
-        seed=3,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-    )
-    state = md_init(state, model, skin=1.0)
-    monitor = make_monitor(state, max_bond_deviation=0.5, max_energy_drift_per_atom=0.05)
+    model, state, monitor = _start(path, [box] * args.stability_replicas, 300.0, seed=3)
     chunk = max(1, round(args.stability_chunk_ps * 1000 / args.timestep))
     done, wall, temps = 0, 0.0, []
     while done < steps:
@@ -183,12 +189,7 @@ def ec_density(args: Any, path: Path, report: dict[str, Any]) -> None:
         for k, rho in enumerate(starts)
     ]
     print(f"EC density: {len(boxes)} x {args.ec_molecules} EC, 313 K, 1 atm, starts {starts}")
-    model = load_model(path).to(dtype=torch.float32)
-    state = state_from_atoms(
-        boxes, temperature_k=313.0, seed=5, device=torch.device("cpu"), dtype=torch.float32
-    )
-    state = md_init(state, model, skin=1.0)
-    monitor = make_monitor(state, max_bond_deviation=0.5, max_energy_drift_per_atom=0.05)
+    model, state, monitor = _start(path, boxes, 313.0, seed=5)
     common: dict[str, Any] = {"temperature_k": 313.0, "timestep_fs": dt}
     state = simulate(
         state, model, monitor, ensemble="langevin", n_steps=round(1000 / dt),

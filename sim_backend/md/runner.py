@@ -297,7 +297,7 @@ def run_md(
     check_every: int | None = None,
     pressure_bar: float = baro.ATM_BAR,
     barostat_every: int = 25,
-    max_dlnv: float = 0.01,
+    max_dlnv: float | torch.Tensor = 0.01,
     barostat_adapt: bool = True,
 ) -> Trajectory:
     """Run all ``replicas`` as one batch and return the sampled trajectory.
