@@ -138,6 +138,10 @@ class HealthEstimator(Protocol):
     @property
     def r0_scale_trusted(self) -> FloatArray: ...
 
+    # Optional (read with getattr): ``capacity_sigma_trusted`` ([n], Ah), the standard
+    # deviation of ``capacity_ah_trusted``. With it, the filter carries the capacity's
+    # uncertainty in its SOC variance (``PackEstimator(capacity_consider=True)``).
+
 
 class SafetyCheck(Protocol):
     """Deterministic limit checks on the raw sample (``edge_bms.safety.SafetyMonitor``
@@ -259,6 +263,10 @@ class PackEstimator:
     "integrity"). ``health_feedback``: what a ``health`` estimator's results change in
     the filter: "all" (capacity and R0 scale), "capacity", or "none" (estimate only);
     fed-back values are bounded by ``HEALTH_CAPACITY_MAX`` and ``HEALTH_R0_SCALE_MIN``.
+    ``capacity_consider``: when the fed-back capacity comes with a sigma (the health
+    hook's ``capacity_sigma_trusted``), the filter carries that relative uncertainty as
+    a consider parameter (``ekf_step``'s ``capacity_sigma_rel``): an aged cell whose
+    capacity is not learned yet lets the voltage correct the coulomb count sooner.
     """
 
     def __init__(
@@ -278,6 +286,7 @@ class PackEstimator:
         power: PowerHook | None = None,
         safety: SafetyCheck | None = None,
         health_feedback: HealthFeedback = "all",
+        capacity_consider: bool = True,
     ) -> None:
         if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1:
             raise InputError(f"n_cells must be an integer >= 1, got {n_cells!r}")
@@ -317,6 +326,23 @@ class PackEstimator:
         self._scaled = False  # capacity/R0 differ from the model's: pass them to the filter
         self._last_innovation = np.zeros(n)
         self._last_v_pred = np.zeros(n)
+        self.capacity_consider = bool(capacity_consider)
+        # the capacity's relative sigma passed to the filter (None: taken as exact)
+        self._capacity_sigma_rel: FloatArray | None = None
+        self._read_capacity_sigma()
+
+    def _read_capacity_sigma(self) -> None:
+        """The health hook's capacity sigma over the capacity in use, for the next step."""
+        if not self.capacity_consider or self.health is None or self.health_feedback == "none":
+            return
+        sigma = getattr(self.health, "capacity_sigma_trusted", None)
+        if sigma is None:
+            return
+        s = np.asarray(sigma, dtype=float)
+        if s.shape != (self.n_cells,) or not np.all(np.isfinite(s) & (s >= 0)):
+            return  # a glitch keeps the previous value
+        # beyond 50 % the linearisation means nothing; the bound keeps a wild value sane
+        self._capacity_sigma_rel = np.minimum(s / self._capacity, 0.5)
 
     # -- public state --------------------------------------------------------------------
     @property
@@ -354,7 +380,11 @@ class PackEstimator:
         x[0] = values
         p[0] = sigma**2
         p[1] = p[2] = 0.0
-        self._state = FilterState(x, p, self._state.current_a)
+        c = self._state.c
+        if c is not None:
+            c = c.copy()
+            c[0] = 0.0
+        self._state = FilterState(x, p, self._state.current_a, c)
 
     # -- the step ------------------------------------------------------------------------
     def step(
@@ -400,6 +430,8 @@ class PackEstimator:
             kwargs = {"capacity_ah": self._capacity, "r0_scale": self._r0_scale}
         if r_var is not None:
             kwargs["measurement_var"] = r_var
+        if self._capacity_sigma_rel is not None:
+            kwargs["capacity_sigma_rel"] = self._capacity_sigma_rel
         # the OCV-initialised first sample has been used once already: predict only
         z = np.full(n, np.nan) if from_ocv else v
         if self.method == "ekf":
@@ -415,6 +447,8 @@ class PackEstimator:
         # cannot corrupt the next step by writing into them
         for a in (res.state.x, res.state.p, res.soc, res.soc_sigma, i, v, innovation):
             a.flags.writeable = False
+        if res.state.c is not None:
+            res.state.c.flags.writeable = False
 
         self._state = res.state
         self._last_ts = t_s
@@ -535,6 +569,7 @@ class PackEstimator:
             r0s = _sane(self.health.r0_scale_trusted, self._r0_scale)
             self._r0_scale = np.maximum(r0s, HEALTH_R0_SCALE_MIN)
         self._scaled = True
+        self._read_capacity_sigma()
 
     # -- initial state -------------------------------------------------------------------
     def _initial_state(self, i: FloatArray, v: FloatArray, temp: FloatArray) -> FilterState:
@@ -689,6 +724,8 @@ class PackEstimator:
             "health_feedback": self.health_feedback,
             "x": None if st is None else st.x.tolist(),
             "p": None if st is None else st.p.tolist(),
+            "c": None if st is None or st.c is None else st.c.tolist(),
+            "capacity_consider": self.capacity_consider,
             "current_a": None if st is None else np.broadcast_to(st.current_a, (n,)).tolist(),
             "capacity_ah": self._capacity.tolist(),
             "r0_scale": self._r0_scale.tolist(),
@@ -740,6 +777,7 @@ class PackEstimator:
                 power=power,
                 safety=safety,
                 health_feedback=ck.health_feedback,
+                capacity_consider=ck.capacity_consider,
             )
             est.set_scales(ck.capacity_ah, ck.r0_scale)
         except (InputError, ValidationError) as exc:
@@ -751,7 +789,8 @@ class PackEstimator:
         cur = _restore("current_a", [ck.current_a], (1, n))[0]
         if np.any(p[[0, 3, 5]] <= 0):
             raise CheckpointError("estimator state: p has a variance <= 0")
-        est._state = FilterState(x, p, cur)
+        c = None if ck.c is None else _restore("c", ck.c, (3, n))
+        est._state = FilterState(x, p, cur, c)
         est._last_ts = float(ck.last_ts)
         est._last_innovation = _nan_list("last_innovation", ck.last_innovation, n)
         est._last_v_pred = _nan_list("last_v_pred", ck.last_v_pred, n)
@@ -774,6 +813,8 @@ class _Checkpoint(BaseModel):
     health_feedback: HealthFeedback = "all"  # absent from checkpoints before it existed
     x: list[list[float]] | None
     p: list[list[float]] | None
+    c: list[list[float]] | None = None  # absent before the capacity consider term
+    capacity_consider: bool = True
     current_a: list[float] | None
     capacity_ah: list[float]
     r0_scale: list[float]

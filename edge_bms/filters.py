@@ -138,6 +138,10 @@ class FilterState:
     x: FloatArray  # [3, n]: soc, v1, v2
     p: FloatArray  # [6, n]: p00, p01, p02, p11, p12, p22
     current_a: FloatArray  # 0-d or [n]
+    # [3, n]: covariance of x with the standardised capacity error z (a Schmidt
+    # "consider" parameter, see :func:`ekf_step`'s ``capacity_sigma_rel``); None: the
+    # capacity has been taken as exact so far
+    c: FloatArray | None = None
 
     @classmethod
     def initial(
@@ -242,6 +246,42 @@ def _predict_v(rows: FloatArray, state: FilterState, a: FloatArray, v: FloatArra
     return v
 
 
+def _consider_soc(
+    state: FilterState, x_prior: FloatArray, sigma_rel: ArrayOrFloat, p: FloatArray
+) -> FloatArray:
+    """The capacity error's share of the SOC prior's variance (Schmidt-Kalman consider
+    parameter); returns g for :func:`_consider_rc`.
+
+    The true capacity is Q (1 + sigma_rel z), z ~ N(0, 1) not estimated here (the SOH
+    estimator does that); to first order SOC then moves by d (1 - sigma_rel z), d the
+    coulomb-counted decrement, so dsoc'/dz = g = d sigma_rel. With c = cov(x, z):
+    P' = F P F^T + Q + F c G^T + G c^T F^T + G G^T (G = [g, 0, 0]) and c' = F c + G.
+    This adds 2 g c0 + g^2 to ``p[0]``. Keeping the covariance with the *standardised* z
+    keeps the correlation when the SOH estimate's sigma changes between steps.
+    """
+    g: FloatArray = state.x[0] - x_prior[0]  # d: the SOC decrement of this interval
+    g *= sigma_rel
+    c = state.c
+    t = g * g if c is None else (c[0] + c[0] + g) * g
+    p[0] += t
+    return g
+
+
+def _consider_rc(state: FilterState, g: FloatArray, a: FloatArray, p: FloatArray) -> FloatArray:
+    """c' = F c + G, and F c G^T's share of p01, p02 (after :func:`_predict_rc` wrote
+    them); ``a`` [2, n]: the RC decay factors."""
+    c = np.empty((3, g.shape[0]))
+    c0 = state.c
+    if c0 is None:
+        c[0] = g
+        c[1:3] = 0.0
+        return c
+    np.multiply(a, c0[1:3], out=c[1:3])
+    p[1:3] += c[1:3] * g
+    np.add(c0[0], g, out=c[0])
+    return c
+
+
 def _gain_terms(
     p: FloatArray, h: FloatArray, r: float | FloatArray
 ) -> tuple[FloatArray, FloatArray]:
@@ -284,10 +324,12 @@ def _update(
     r: float | FloatArray,
     current_a: FloatArray,
     r0_table: FloatArray,
+    c_prior: FloatArray | None = None,
 ) -> StepResult:
     """Measurement update with H = [h, -1, -1] of the prior ``x_prior``, ``p`` (neither
     is modified); ``s_extra`` is added to S (UKF). Row by row: no gathers, no [n, 3, 3]
-    products."""
+    products. ``c_prior``: cov(x, z) of a consider parameter z, updated as c - K H c
+    (z itself is not)."""
     u, s = _gain_terms(p, h, r)
     if s_extra is not None:
         s += s_extra
@@ -311,8 +353,15 @@ def _update(
     # definite because S >= R > 0 (P_new^-1 = P^-1 + H^T H / R).
     p_post = _downdate(p, gain, u)
     np.minimum(np.maximum(x[0], SOC_CLAMP[0], out=x[0]), SOC_CLAMP[1], out=x[0])
+    c_post = None
+    if c_prior is not None:
+        hc = h * c_prior[0]
+        hc -= c_prior[1]
+        hc -= c_prior[2]
+        c_post = gain * hc
+        np.subtract(c_prior, c_post, out=c_post)
     return StepResult(
-        FilterState(x, p_post, current_a),
+        FilterState(x, p_post, current_a, c_post),
         x[0],
         np.sqrt(p_post[0]),
         v_pred,
@@ -336,6 +385,7 @@ def ekf_step(
     r0_scale: ArrayOrFloat | None = None,
     measurement_var: FloatArray | None = None,
     settings: EkfSettings | None = None,
+    capacity_sigma_rel: ArrayOrFloat | None = None,
 ) -> StepResult:
     """One extended-Kalman step (predict over ``dt_s``, update with this sample).
 
@@ -345,15 +395,22 @@ def ekf_step(
     [n]) override the model's capacity and scale its R0 (an SOH estimate);
     ``measurement_var`` ([n], V^2, finite and > 0) replaces ``noise.voltage_v**2`` per
     cell (a learned noise model). ``settings``: the iterated update (:class:`EkfSettings`).
+    ``capacity_sigma_rel`` (scalar or [n], e.g. an SOH estimate's sigma over its value):
+    the capacity's relative uncertainty, carried as a Schmidt consider parameter, so SOC
+    variance grows with the charge counted through an uncertain capacity (a bias that
+    white process noise cannot describe) and the voltage weighs more while it is large;
+    the cross-covariance lives in ``state.c``. None: the capacity is taken as exact.
     Inputs are not validated here (:class:`edge_bms.estimator.PackEstimator` does that).
     """
     i = np.asarray(current_a, dtype=float)
     x_prior = np.empty(state.x.shape)  # float64 whatever the state holds
     p = np.empty(state.p.shape)
     _predict(model, state, dt_s, noise, capacity_ah, x_prior, p)
+    g = None if capacity_sigma_rel is None else _consider_soc(state, x_prior, capacity_sigma_rel, p)
     soc = x_prior[0]
     rows = model.lookup_rows(soc, temperature_c)  # [7, n]: ocv r0 r1 r2 tau1 tau2 docv
     a = _predict_rc(rows, state, dt_s, noise, p)
+    c = None if g is None else _consider_rc(state, g, a, p)
     v = _predict_v(rows, state, a, x_prior[1:3])
     r0 = rows[1] if r0_scale is None else rows[1] * r0_scale
     v_pred = rows[0] - i * r0
@@ -363,7 +420,7 @@ def ekf_step(
         v_pred += v_correction
     r = noise.voltage_v**2 if measurement_var is None else measurement_var
     settings = settings or _EKF_DEFAULT
-    res = _update(x_prior, p, rows[6], v_pred, None, voltage_v, r, i, rows[1])
+    res = _update(x_prior, p, rows[6], v_pred, None, voltage_v, r, i, rows[1], c)
     if settings.max_iterations > 0:
         # |SOC move| beyond the threshold anywhere? (fmax skips NaN, as > does)
         moved = res.state.x[0] - soc
@@ -386,6 +443,7 @@ def ekf_step(
                     v_correction,
                     r,
                     settings.max_iterations,
+                    c,
                 )
     return res
 
@@ -403,6 +461,7 @@ def _iterate(
     v_correction: FloatArray | None,
     r: float | FloatArray,
     max_iterations: int,
+    c_prior: FloatArray | None = None,
 ) -> None:
     """Iterated-EKF update of cells ``idx``, written into ``res`` (its arrays are new).
 
@@ -422,6 +481,7 @@ def _iterate(
     rr = _sub(r, idx)
     active = np.ones(idx.size, dtype=bool)
     gain = u = np.zeros_like(x)
+    h_last = np.zeros(idx.size)
     for _ in range(max_iterations):
         rows = model.lookup_rows(x[0], t)
         h = rows[6]
@@ -441,6 +501,7 @@ def _iterate(
         x = np.where(active, x_new, x)
         gain = np.where(active, gain_j, gain)
         u = np.where(active, u_j, u)
+        h_last = np.where(active, h, h_last)
         active &= moved >= 1e-9
         if not active.any():
             break
@@ -450,6 +511,10 @@ def _iterate(
     res.state.x[:, idx] = x
     res.state.p[:, idx] = pb
     res.soc_sigma[idx] = np.sqrt(pb[0])
+    if c_prior is not None and res.state.c is not None:  # with the last linearisation
+        cb = c_prior[:, idx]
+        hc = h_last * cb[0] - cb[1] - cb[2]
+        res.state.c[:, idx] = cb - gain * hc
 
 
 def ukf_step(
@@ -466,6 +531,7 @@ def ukf_step(
     r0_scale: ArrayOrFloat | None = None,
     measurement_var: FloatArray | None = None,
     settings: UkfSettings | None = None,
+    capacity_sigma_rel: ArrayOrFloat | None = None,
 ) -> StepResult:
     """One unscented-Kalman step (scaled sigma points, 7 per cell); same arguments.
 
@@ -491,6 +557,7 @@ def ukf_step(
     x_prior = np.empty(state.x.shape)  # float64 whatever the state holds
     p = np.empty(state.p.shape)
     _predict(model, state, dt_s, noise, capacity_ah, x_prior, p)
+    g = None if capacity_sigma_rel is None else _consider_soc(state, x_prior, capacity_sigma_rel, p)
     soc = x_prior[0]
     # p00 > 0 unless every SOC noise is zero and the filter has fully converged
     d = np.sqrt(p[0])
@@ -502,6 +569,7 @@ def ukf_step(
     np.subtract(soc, d, out=s3[2])
     rows = model.lookup_rows(s3, temperature_c)  # [7, 3, n]
     a = _predict_rc(rows[:, 0], state, dt_s, noise, p)
+    c = None if g is None else _consider_rc(state, g, a, p)
     v = _predict_v(rows[:, 0], state, a, x_prior[1:3])
     r0 = rows[1] if r0_scale is None else rows[1] * r0_scale
     g = rows[0] - i * r0  # [3, n]
@@ -525,4 +593,4 @@ def ukf_step(
     if v_correction is not None:
         v_pred += v_correction
     r = noise.voltage_v**2 if measurement_var is None else measurement_var
-    return _update(x_prior, p, h, v_pred, spread, voltage_v, r, i, rows[1, 0])
+    return _update(x_prior, p, h, v_pred, spread, voltage_v, r, i, rows[1, 0], c)

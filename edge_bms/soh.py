@@ -231,6 +231,17 @@ class SohEstimator:
         return out
 
     @property
+    def capacity_sigma_trusted(self) -> FloatArray:
+        """The standard deviation (Ah) of :attr:`capacity_ah_trusted`: ``capacity_sigma``
+        where the estimate is used, else the prior's sigma around the nominal."""
+        out: FloatArray = np.where(
+            self.n_points >= self.options["capacity_min_points"],
+            self.q_sigma,
+            self.options["capacity_prior_sigma_ah"],
+        )
+        return out
+
+    @property
     def r0_sigma(self) -> FloatArray:
         """Standard deviation of ``r0_scale``."""
         out: FloatArray = np.sqrt(self.r0_var)

@@ -1,0 +1,252 @@
+"""The capacity's uncertainty carried as a Schmidt consider parameter in the filters:
+against a dense 4-state reference, neutral at sigma 0, and what it is for (an aged cell
+whose capacity the filter does not know yet)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from edge_bms.cell import CellModel
+from edge_bms.estimator import PackEstimator
+from edge_bms.filters import (
+    SOC_CLAMP,
+    EkfSettings,
+    FilterNoise,
+    FilterState,
+    StepResult,
+    ekf_step,
+    ukf_step,
+)
+from edge_bms.soh import SohEstimator
+
+from .conftest import Simulated, pulse_profile, simulate
+
+NOISE = FilterNoise(
+    soc_per_sqrt_s=1e-5, v1_v_per_sqrt_s=1e-4, v2_v_per_sqrt_s=5e-5, voltage_v=2e-3, current_a=0.05
+)
+PLAIN = EkfSettings(max_iterations=0)
+
+
+def _inputs(cell: CellModel, n_steps: int, seed: int) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    current = pulse_profile(rng, n_steps)
+    dt = rng.uniform(0.5, 2.0, n_steps)
+    temperature = np.linspace(5.0, 35.0, n_steps)
+    sim = simulate(
+        cell, current, np.array([0.7]), rng, dt=dt, temperature=temperature[:, None], noise=NOISE
+    )
+    voltage = sim.voltage[:, 0]
+    voltage[rng.choice(n_steps, 20, replace=False)] = np.nan
+    return sim.current[:, 0], voltage, temperature, dt
+
+
+def _schmidt_reference(
+    cell: CellModel, sigma: float, n_steps: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A dense EKF over [soc, v1, v2] with the standardised capacity error z as a consider
+    parameter (4x4 covariance, z never updated): x, P [3x3] and cov(x, z) per step."""
+    current, voltage, temperature, dt = _inputs(cell, n_steps, seed)
+    x = np.array([0.6, 0.0, 0.0])
+    pa = np.zeros((4, 4))
+    pa[:3, :3] = np.diag([0.2**2, 0.01**2, 0.01**2])
+    pa[3, 3] = 1.0
+    xs, ps, cs = [], [], []
+    i_prev = 0.0
+    for k in range(n_steps):
+        d_t = dt[k] if k else 0.0
+        kq = d_t / (3600 * cell.capacity_ah)
+        d = kq * i_prev
+        soc = x[0] - d
+        # the filter's own table rows (at a grid node lookup()'s slope is one side's)
+        ocv, r0, r1, r2, tau1, tau2, docv = cell.lookup_rows(np.array([soc]), temperature[k])[:, 0]
+        a1, a2 = np.exp(-d_t / tau1), np.exp(-d_t / tau2)
+        x = np.array([soc, a1 * x[1] + r1 * (1 - a1) * i_prev, a2 * x[2] + r2 * (1 - a2) * i_prev])
+        fa = np.diag([1.0, a1, a2, 1.0])
+        fa[0, 3] = d * sigma  # dsoc'/dz
+        qa = np.diag(
+            [
+                NOISE.soc_per_sqrt_s**2 * d_t + (kq * NOISE.current_a) ** 2,
+                NOISE.v1_v_per_sqrt_s**2 * d_t,
+                NOISE.v2_v_per_sqrt_s**2 * d_t,
+                0.0,
+            ]
+        )
+        pa = fa @ pa @ fa.T + qa
+        h = np.array([docv, -1.0, -1.0, 0.0])
+        z = voltage[k]
+        if np.isfinite(z):
+            s = h @ pa @ h + NOISE.voltage_v**2
+            gain = pa @ h / s
+            gain[3] = 0.0  # Schmidt: the consider parameter is not updated
+            x = x + gain[:3] * (z - (ocv - current[k] * r0 - x[1] - x[2]))
+            # P - K H P - P H^T K^T + K S K^T with K's z entry zeroed (exact for any gain)
+            ikh = np.eye(4) - np.outer(gain, h)
+            pa = ikh @ pa @ ikh.T + np.outer(gain, gain) * NOISE.voltage_v**2
+        x[0] = min(max(x[0], SOC_CLAMP[0]), SOC_CLAMP[1])
+        i_prev = current[k]
+        xs.append(x.copy())
+        ps.append(pa[:3, :3].copy())
+        cs.append(pa[:3, 3].copy())
+    return np.array(xs), np.array(ps), np.array(cs)
+
+
+def _ours(
+    step: Callable[..., StepResult], cell: CellModel, sigma: float | None, n_steps: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    current, voltage, temperature, dt = _inputs(cell, n_steps, seed)
+    state = FilterState.initial(np.array([0.6]), 0.2)
+    kw = {"settings": PLAIN} if step is ekf_step else {}
+    xs, ps, cs = [], [], []
+    for k in range(n_steps):
+        r = step(
+            cell,
+            state,
+            current[k],
+            voltage[k : k + 1],
+            temperature[k],
+            dt[k] if k else 0.0,
+            NOISE,
+            capacity_sigma_rel=sigma,
+            **kw,
+        )
+        state = r.state
+        xs.append(state.x[:, 0].copy())
+        ps.append(state.covariance()[0])
+        cs.append(np.zeros(3) if state.c is None else state.c[:, 0].copy())
+    return np.array(xs), np.array(ps), np.array(cs)
+
+
+def test_ekf_consider_matches_the_dense_schmidt_filter(cell: CellModel) -> None:
+    x_ref, p_ref, c_ref = _schmidt_reference(cell, 0.15, 600, seed=3)
+    x, p, c = _ours(ekf_step, cell, 0.15, 600, seed=3)
+    np.testing.assert_allclose(x, x_ref, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-8, atol=1e-16)
+    np.testing.assert_allclose(c, c_ref, rtol=1e-8, atol=1e-14)
+    # the term did something: SOC variance beyond what the filter claims without it
+    _, p_plain, _ = _ours(ekf_step, cell, None, 600, seed=3)
+    # (0.15 x ~0.05 SOC counted over these 10 minutes: 0.75e-2 before voltage updates)
+    assert p[-1, 0, 0] > 1.15 * p_plain[-1, 0, 0]
+    assert np.max(np.abs(c[:, 0])) > 1e-4
+
+
+@pytest.mark.parametrize("step", [ekf_step, ukf_step], ids=["ekf", "ukf"])
+def test_sigma_zero_is_the_plain_filter(cell: CellModel, step: Callable[..., StepResult]) -> None:
+    x0, p0, _ = _ours(step, cell, None, 300, seed=5)
+    x1, p1, c1 = _ours(step, cell, 0.0, 300, seed=5)
+    np.testing.assert_array_equal(x1, x0)
+    np.testing.assert_array_equal(p1, p0)
+    np.testing.assert_array_equal(c1, 0.0)
+
+
+@pytest.mark.parametrize("step", [ekf_step, ukf_step], ids=["ekf", "ukf"])
+def test_joint_covariance_stays_positive_definite(
+    cell: CellModel, step: Callable[..., StepResult]
+) -> None:
+    """[[P, c], [c^T, 1]] is a covariance: P - c c^T must stay positive definite, also
+    through the iterated update and a sigma that changes from step to step."""
+    current, voltage, temperature, dt = _inputs(cell, 800, seed=8)
+    state = FilterState.initial(np.array([0.2, 0.6, 0.9]), 0.3)
+    sigmas = np.array([0.05, 0.2, 0.4])
+    for k in range(800):
+        r = step(
+            cell,
+            state,
+            current[k],
+            np.full(3, voltage[k]),
+            temperature[k],
+            dt[k] if k else 0.0,
+            NOISE,
+            capacity_sigma_rel=sigmas * (1.0 if k < 400 else 0.3),
+        )
+        state = r.state
+        assert state.c is not None
+        full = state.covariance() - np.einsum("in,jn->nij", state.c, state.c)
+        assert np.all(np.linalg.eigvalsh(full)[:, 0] > -1e-12), k
+
+
+def _aged_drive(cell: CellModel, seed: int) -> tuple[CellModel, np.ndarray, Simulated]:
+    """Two hours of discharge-heavy pulses on a cell with 80 % of the model's capacity."""
+    aged = dataclasses.replace(cell, capacity_ah=0.8 * cell.capacity_ah)
+    rng = np.random.default_rng(seed)
+    current = pulse_profile(rng, 7200, lo=-2.0, hi=6.0)
+    sim = simulate(aged, current, np.array([0.95]), rng, noise=NOISE)
+    return aged, current, sim
+
+
+def test_consider_term_helps_an_aged_cell_the_filter_does_not_know(cell: CellModel) -> None:
+    """The filter runs with the nominal capacity and a 20 % relative sigma on it (what an
+    SOH estimator's prior says before it has data): with the consider term its SOC error
+    is smaller and its sigma covers the error; without it the coulomb count's bias
+    accumulates under an overconfident sigma."""
+    _, current, sim = _aged_drive(cell, seed=11)
+    # a filter that trusts coulomb counting (small SOC noise), as a tuned one does
+    noise = FilterNoise(soc_per_sqrt_s=2e-6, voltage_v=2e-3)
+    out = {}
+    for sigma in (None, 0.2):
+        state = FilterState.initial(np.array([0.95]), 0.02)
+        err, z = [], []
+        for k in range(current.size):
+            r = ekf_step(
+                cell,
+                state,
+                sim.current[k, 0],
+                sim.voltage[k],
+                25.0,
+                1.0 if k else 0.0,
+                noise,
+                capacity_sigma_rel=sigma,
+            )
+            state = r.state
+            e = float(r.soc[0] - sim.soc[k, 0])
+            err.append(e)
+            z.append(abs(e) / float(r.soc_sigma[0]))
+        out[sigma] = (np.sqrt(np.mean(np.square(err))), np.mean(np.array(z) <= 2.0))
+    rmse_off, cover_off = out[None]
+    rmse_on, cover_on = out[0.2]
+    assert rmse_on < 0.7 * rmse_off, out
+    assert cover_on > 0.85 > cover_off, out
+
+
+def test_pack_estimator_takes_the_sigma_from_its_health_hook(cell: CellModel) -> None:
+    """With an SOH estimator the filter gets capacity_sigma_trusted / capacity as the
+    consider sigma (the prior's 10 % before any capacity point); capacity_consider=False
+    or no sigma on the hook leaves the filter as it was; the cross-covariance survives a
+    checkpoint."""
+    _, _current, sim = _aged_drive(cell, seed=12)
+    runs = {}
+    for consider in (True, False):
+        health = SohEstimator(1, cell.capacity_ah, cell=cell)
+        est = PackEstimator(cell, 1, noise=NOISE, health=health, capacity_consider=consider)
+        for k in range(600):
+            est.step(float(k), sim.current[k, 0], sim.voltage[k], 25.0)
+        runs[consider] = est
+    on, off = runs[True], runs[False]
+    assert on.state is not None and off.state is not None
+    assert off.state.c is None
+    assert on.state.c is not None and abs(on.state.c[0, 0]) > 0
+    assert on._capacity_sigma_rel is not None
+    np.testing.assert_allclose(on._capacity_sigma_rel, 0.1)
+    assert on.state.p[0, 0] > off.state.p[0, 0]
+
+    resumed = PackEstimator.from_state_dict(
+        cell, on.state_dict(), health=SohEstimator(1, cell.capacity_ah, cell=cell)
+    )
+    assert resumed.state is not None and resumed.state.c is not None
+    np.testing.assert_array_equal(resumed.state.c, on.state.c)
+    assert resumed.capacity_consider
+
+    class NoSigma:  # a health hook without capacity_sigma_trusted
+        capacity_ah_trusted = np.full(1, cell.capacity_ah)
+        r0_scale_trusted = np.ones(1)
+
+        def update(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    plain = PackEstimator(cell, 1, noise=NOISE, health=NoSigma())
+    for k in range(50):
+        plain.step(float(k), sim.current[k, 0], sim.voltage[k], 25.0)
+    assert plain.state is not None and plain.state.c is None
