@@ -365,6 +365,7 @@ class PackEstimator:
         self._scaled = bool(
             np.any(self._capacity != self.model.capacity_ah) or np.any(self._r0_scale != 1.0)
         )
+        self._read_capacity_sigma()  # relative to the capacity now in use
 
     def reset_soc(self, soc: npt.ArrayLike, sigma: float) -> None:
         """Set every cell's SOC (scalar or [n]) with standard deviation ``sigma``: the

@@ -257,7 +257,8 @@ def _consider_soc(
     coulomb-counted decrement, so dsoc'/dz = g = d sigma_rel. With c = cov(x, z):
     P' = F P F^T + Q + F c G^T + G c^T F^T + G G^T (G = [g, 0, 0]) and c' = F c + G.
     This adds 2 g c0 + g^2 to ``p[0]``. Keeping the covariance with the *standardised* z
-    keeps the correlation when the SOH estimate's sigma changes between steps.
+    keeps their correlation when the SOH estimate's sigma changes between steps (it
+    assumes the new capacity error is the old one rescaled).
     """
     g: FloatArray = state.x[0] - x_prior[0]  # d: the SOC decrement of this interval
     g *= sigma_rel
@@ -406,11 +407,13 @@ def ekf_step(
     x_prior = np.empty(state.x.shape)  # float64 whatever the state holds
     p = np.empty(state.p.shape)
     _predict(model, state, dt_s, noise, capacity_ah, x_prior, p)
-    g = None if capacity_sigma_rel is None else _consider_soc(state, x_prior, capacity_sigma_rel, p)
+    gz = (
+        None if capacity_sigma_rel is None else _consider_soc(state, x_prior, capacity_sigma_rel, p)
+    )
     soc = x_prior[0]
     rows = model.lookup_rows(soc, temperature_c)  # [7, n]: ocv r0 r1 r2 tau1 tau2 docv
     a = _predict_rc(rows, state, dt_s, noise, p)
-    c = None if g is None else _consider_rc(state, g, a, p)
+    c = None if gz is None else _consider_rc(state, gz, a, p)
     v = _predict_v(rows, state, a, x_prior[1:3])
     r0 = rows[1] if r0_scale is None else rows[1] * r0_scale
     v_pred = rows[0] - i * r0
@@ -557,7 +560,9 @@ def ukf_step(
     x_prior = np.empty(state.x.shape)  # float64 whatever the state holds
     p = np.empty(state.p.shape)
     _predict(model, state, dt_s, noise, capacity_ah, x_prior, p)
-    g = None if capacity_sigma_rel is None else _consider_soc(state, x_prior, capacity_sigma_rel, p)
+    gz = (
+        None if capacity_sigma_rel is None else _consider_soc(state, x_prior, capacity_sigma_rel, p)
+    )
     soc = x_prior[0]
     # p00 > 0 unless every SOC noise is zero and the filter has fully converged
     d = np.sqrt(p[0])
@@ -569,7 +574,7 @@ def ukf_step(
     np.subtract(soc, d, out=s3[2])
     rows = model.lookup_rows(s3, temperature_c)  # [7, 3, n]
     a = _predict_rc(rows[:, 0], state, dt_s, noise, p)
-    c = None if g is None else _consider_rc(state, g, a, p)
+    c = None if gz is None else _consider_rc(state, gz, a, p)
     v = _predict_v(rows[:, 0], state, a, x_prior[1:3])
     r0 = rows[1] if r0_scale is None else rows[1] * r0_scale
     g = rows[0] - i * r0  # [3, n]

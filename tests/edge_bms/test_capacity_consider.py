@@ -45,10 +45,13 @@ def _inputs(cell: CellModel, n_steps: int, seed: int) -> tuple[np.ndarray, ...]:
 
 
 def _schmidt_reference(
-    cell: CellModel, sigma: float, n_steps: int, seed: int
+    cell: CellModel, sigma: float, n_steps: int, seed: int, settings: EkfSettings = PLAIN
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A dense EKF over [soc, v1, v2] with the standardised capacity error z as a consider
-    parameter (4x4 covariance, z never updated): x, P [3x3] and cov(x, z) per step."""
+    parameter (4x4 covariance, z never updated): x, P [3x3] and cov(x, z) per step. With
+    ``settings.max_iterations`` > 0, an update that moves SOC beyond ``iterate_dsoc`` is
+    redone as an iterated EKF (Gauss-Newton, relinearised at each iterate), the
+    covariance and cov(x, z) from the last linearisation."""
     current, voltage, temperature, dt = _inputs(cell, n_steps, seed)
     x = np.array([0.6, 0.0, 0.0])
     pa = np.zeros((4, 4))
@@ -79,13 +82,26 @@ def _schmidt_reference(
         h = np.array([docv, -1.0, -1.0, 0.0])
         z = voltage[k]
         if np.isfinite(z):
-            s = h @ pa @ h + NOISE.voltage_v**2
-            gain = pa @ h / s
-            gain[3] = 0.0  # Schmidt: the consider parameter is not updated
-            x = x + gain[:3] * (z - (ocv - current[k] * r0 - x[1] - x[2]))
+            xb, pb = x.copy(), pa.copy()
+            hx = ocv - current[k] * r0 - x[1] - x[2]
+            gain = _schmidt_gain(pb, h)
+            x = xb + gain[:3] * (z - hx)
+            x[0] = min(max(x[0], SOC_CLAMP[0]), SOC_CLAMP[1])
+            if settings.max_iterations and abs(x[0] - xb[0]) > settings.iterate_dsoc:
+                for _ in range(settings.max_iterations):
+                    rows = cell.lookup_rows(np.array([x[0]]), temperature[k])[:, 0]
+                    h = np.array([rows[6], -1.0, -1.0, 0.0])
+                    hx = rows[0] - current[k] * rows[1] - x[1] - x[2]
+                    gain = _schmidt_gain(pb, h)
+                    x_new = xb + gain[:3] * (z - hx - h[:3] @ (xb - x))
+                    x_new[0] = min(max(x_new[0], SOC_CLAMP[0]), SOC_CLAMP[1])
+                    moved = abs(x_new[0] - x[0])
+                    x = x_new
+                    if moved < 1e-9:
+                        break
             # P - K H P - P H^T K^T + K S K^T with K's z entry zeroed (exact for any gain)
             ikh = np.eye(4) - np.outer(gain, h)
-            pa = ikh @ pa @ ikh.T + np.outer(gain, gain) * NOISE.voltage_v**2
+            pa = ikh @ pb @ ikh.T + np.outer(gain, gain) * NOISE.voltage_v**2
         x[0] = min(max(x[0], SOC_CLAMP[0]), SOC_CLAMP[1])
         i_prev = current[k]
         xs.append(x.copy())
@@ -94,12 +110,23 @@ def _schmidt_reference(
     return np.array(xs), np.array(ps), np.array(cs)
 
 
+def _schmidt_gain(pa: np.ndarray, h: np.ndarray) -> np.ndarray:
+    gain: np.ndarray = pa @ h / (h @ pa @ h + NOISE.voltage_v**2)
+    gain[3] = 0.0  # Schmidt: the consider parameter is not updated
+    return gain
+
+
 def _ours(
-    step: Callable[..., StepResult], cell: CellModel, sigma: float | None, n_steps: int, seed: int
+    step: Callable[..., StepResult],
+    cell: CellModel,
+    sigma: float | None,
+    n_steps: int,
+    seed: int,
+    settings: EkfSettings = PLAIN,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     current, voltage, temperature, dt = _inputs(cell, n_steps, seed)
     state = FilterState.initial(np.array([0.6]), 0.2)
-    kw = {"settings": PLAIN} if step is ekf_step else {}
+    kw = {"settings": settings} if step is ekf_step else {}
     xs, ps, cs = [], [], []
     for k in range(n_steps):
         r = step(
@@ -133,6 +160,20 @@ def test_ekf_consider_matches_the_dense_schmidt_filter(cell: CellModel) -> None:
     assert np.max(np.abs(c[:, 0])) > 1e-4
 
 
+def test_iterated_ekf_consider_matches_the_dense_schmidt_filter(cell: CellModel) -> None:
+    """The iterated update (forced at every step here) takes cov(x, z) from its last
+    linearisation, as the dense reference does."""
+    every = EkfSettings(iterate_dsoc=1e-7, max_iterations=4)
+    x_ref, p_ref, c_ref = _schmidt_reference(cell, 0.15, 400, seed=4, settings=every)
+    x, p, c = _ours(ekf_step, cell, 0.15, 400, seed=4, settings=every)
+    np.testing.assert_allclose(x, x_ref, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-7, atol=1e-16)
+    np.testing.assert_allclose(c, c_ref, rtol=1e-7, atol=1e-14)
+    # and it is not the plain update's cov(x, z)
+    _, _, c_plain = _ours(ekf_step, cell, 0.15, 400, seed=4)
+    assert np.max(np.abs(c - c_plain)) > 1e-6
+
+
 @pytest.mark.parametrize("step", [ekf_step, ukf_step], ids=["ekf", "ukf"])
 def test_sigma_zero_is_the_plain_filter(cell: CellModel, step: Callable[..., StepResult]) -> None:
     x0, p0, _ = _ours(step, cell, None, 300, seed=5)
@@ -147,7 +188,8 @@ def test_joint_covariance_stays_positive_definite(
     cell: CellModel, step: Callable[..., StepResult]
 ) -> None:
     """[[P, c], [c^T, 1]] is a covariance: P - c c^T must stay positive definite, also
-    through the iterated update and a sigma that changes from step to step."""
+    with a sigma that changes from step to step (EKF with its default iterated update,
+    which the 30-point-off start triggers)."""
     current, voltage, temperature, dt = _inputs(cell, 800, seed=8)
     state = FilterState.initial(np.array([0.2, 0.6, 0.9]), 0.3)
     sigmas = np.array([0.05, 0.2, 0.4])
@@ -238,6 +280,9 @@ def test_pack_estimator_takes_the_sigma_from_its_health_hook(cell: CellModel) ->
     assert resumed.state is not None and resumed.state.c is not None
     np.testing.assert_array_equal(resumed.state.c, on.state.c)
     assert resumed.capacity_consider
+    # the relative sigma follows the capacity in use (the prior's 0.5 Ah over 4 Ah)
+    resumed.set_scales(capacity_ah=0.8 * cell.capacity_ah)
+    np.testing.assert_allclose(resumed._capacity_sigma_rel, 0.125)  # type: ignore[arg-type]
 
     class NoSigma:  # a health hook without capacity_sigma_trusted
         capacity_ah_trusted = np.full(1, cell.capacity_ah)
