@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -219,8 +219,15 @@ class QueueManager:
         if self.speed is not None:
             env[ENV_SPEED] = str(self.speed)
         with self.log.open("wb") as log:
+            # its own process group: start-re-manager forks its manager and worker
+            # processes, which a kill of the parent alone would leave running (orphans
+            # that ignore SIGTERM); stop() ends the whole group
             self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         api = self.config.api()
         deadline = time.monotonic() + self.start_timeout
@@ -246,14 +253,17 @@ class QueueManager:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGINT (the manager closes its worker), then SIGKILL if it lingers."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        """SIGINT (the manager closes its worker), then SIGKILL to its process group if
+        it lingers; whatever of the group is left after that (forked children) goes too."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGINT)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    _kill_group(self.proc.pid)
+                    self.proc.wait(5)
+            _kill_group(self.proc.pid)
         for suffix in (".plans.yaml", ".permissions.yaml"):
             self.log.with_suffix(suffix).unlink(missing_ok=True)
         if not self.keep_log:
@@ -266,6 +276,12 @@ class QueueManager:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process left in group ``pgid`` (none left: nothing to do)."""
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def check_redis(addr: str, timeout: float = 3.0) -> None:

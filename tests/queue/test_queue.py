@@ -230,6 +230,50 @@ def test_cli_add_validates_then_queues_and_status_shows_it(
     api.queue_clear()
 
 
+def _group_alive(pgid: int) -> list[int]:
+    """PIDs of live (not zombie) processes in process group ``pgid``."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after ")"
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def test_a_manager_killed_on_stop_leaves_no_process_behind(
+    sqlite_server: tuple[DataConfig, ServerRecord],
+) -> None:
+    """start-re-manager forks its manager and worker processes, which ignore SIGTERM: a
+    stop that has to kill (timeout 0 here: a manager stuck shutting down) must take the
+    whole process group, not only the process it started (which left two orphans)."""
+    config, _ = sqlite_server
+    queue = QueueConfig.unique("labctl_kill")
+    env = {"LABCTL_DATA": str(config.directory)}
+    with ExitStack() as stack:
+        stack.callback(clear_queue_keys, queue)
+        lab = stack.enter_context(SimulatedLabProcess(transport="tcp", speed=SPEED))
+        m = QueueManager(queue, lab=str(lab.records[0]["control"]), speed=SPEED, env=env)
+        stack.callback(m.stop)
+        m.start()
+        assert m.proc is not None
+        with queue.connect() as api:
+            api.environment_open()
+            api.wait_for_idle(timeout=60)
+            assert api.status()["worker_environment_exists"], m.tail()
+        pgid = m.proc.pid
+        assert len(_group_alive(pgid)) >= 3, m.tail()  # watchdog, manager, worker
+        m.stop(timeout=0.0)
+        deadline = time.monotonic() + 10.0
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _group_alive(pgid) == []
+        m.log.unlink(missing_ok=True)
+
+
 def test_cli_start_with_a_lab_file_serves_until_sigterm_and_stop_now_aborts(
     request: pytest.FixtureRequest, sqlite_server: tuple[DataConfig, ServerRecord], tmp_path: Path
 ) -> None:
