@@ -295,3 +295,43 @@ def test_pack_estimator_takes_the_sigma_from_its_health_hook(cell: CellModel) ->
     for k in range(50):
         plain.step(float(k), sim.current[k, 0], sim.voltage[k], 25.0)
     assert plain.state is not None and plain.state.c is None
+
+
+def test_ukf_consider_close_to_ekf_consider_on_a_near_linear_segment(cell: CellModel) -> None:
+    """Where OCV is nearly linear the sigma-point filter must carry the consider term as
+    the EKF does: same SOC, variance and cov(x, z). (Not what this can tell: whether the
+    sigma points include the capacity's share; on a linear segment the spread hardly
+    depends on it.)"""
+    n, n_steps = 20, 900
+    rng = np.random.default_rng(7)
+    soc0 = rng.uniform(0.85, 0.95, n)
+    current = np.clip(pulse_profile(rng, n_steps), 0.0, 3.0)  # discharge within the segment
+    sim = simulate(cell, current, soc0, rng, noise=NOISE)
+    assert sim.soc.min() > 0.7
+    out = {}
+    for step in (ekf_step, ukf_step):
+        state = FilterState.initial(soc0, 0.01)
+        for k in range(n_steps):
+            state = step(
+                cell,
+                state,
+                sim.current[k],
+                sim.voltage[k],
+                25.0,
+                1.0 if k else 0.0,
+                NOISE,
+                capacity_sigma_rel=0.3,
+            ).state
+        out[step] = state
+    e, u = out[ekf_step], out[ukf_step]
+    assert e.c is not None and u.c is not None
+    # the term is large here: it almost doubles the SOC variance
+    plain = FilterState.initial(soc0, 0.01)
+    for k in range(n_steps):
+        plain = ekf_step(
+            cell, plain, sim.current[k], sim.voltage[k], 25.0, 1.0 if k else 0.0, NOISE
+        ).state
+    assert np.all(e.p[0] > 1.5 * plain.p[0])
+    np.testing.assert_allclose(u.x[0], e.x[0], atol=2e-4)
+    np.testing.assert_allclose(u.p[0], e.p[0], rtol=0.02)
+    np.testing.assert_allclose(u.c[0], e.c[0], rtol=0.02)
