@@ -23,6 +23,7 @@ never moved.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -126,7 +127,11 @@ def scale_molecules(
     mol, first = _compact_molecules(molecule_idx)
     n_mol = int(first.shape[0])
     cell_a = cell[system_idx]
-    inv = torch.linalg.inv(cell)[system_idx]
+    # a singular cell (a dead non-periodic system, which is never scaled) gets the
+    # identity: inv() of the whole batch would fail on it
+    singular = torch.linalg.det(cell).abs() < 1e-12
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device).expand_as(cell)
+    inv = torch.linalg.inv(torch.where(singular[:, None, None], eye, cell))[system_idx]
     d = positions - positions[first][mol]
     frac = torch.einsum("ni,nij->nj", d, inv)
     image = torch.round(frac)
@@ -352,7 +357,10 @@ def mc_barostat_step(
     accept = state.alive & (torch.log(uniforms[:, 1]) < -w / kt)
 
     if not bool(accept.any()):
-        return state, accept  # nothing moved: the old list and every tensor stay as they are
+        # nothing moved: the old list and every tensor stay as they are; the trial build
+        # still counts as work done
+        kept = dataclasses.replace(cache, n_builds=cache.n_builds + 1)
+        return state.replace(neighbors=kept), accept
     acc_a = accept[state.system_idx].unsqueeze(-1)
     final_cell = torch.where(accept[:, None, None], trial_cell, state.cell)
     assert trial.neighbors is not None

@@ -203,7 +203,9 @@ def test_rejection_and_dead_replicas_leave_everything_bit_identical() -> None:
     assert not bool(acc.any())
     for name in ("positions", "cell", "energy", "forces", "thermostat_energy", "momenta"):
         assert torch.equal(getattr(out, name), getattr(st, name)), name
-    assert out.neighbors is st.neighbors
+    assert out.neighbors is not None and st.neighbors is not None
+    assert out.neighbors.edge_index is st.neighbors.edge_index  # the old list, kept
+    assert out.neighbors.n_builds == st.neighbors.n_builds + 1  # the trial build counted
     # system 1 dead: u1 = 0 would accept anything, yet it never moves
     dead = st.replace(alive=torch.tensor([True, False, True]))
     down = torch.tensor([[0.2, 0.0]] * 3, dtype=F64)
@@ -360,3 +362,23 @@ def test_a_replica_stopped_after_a_volume_move_gets_its_checked_cell_back() -> N
     first = out.system_idx == 0
     assert torch.equal(out.positions[first], checked_pos[first])
     assert torch.equal(out.positions[~first], moved.positions[~first])
+
+
+def test_a_dead_cluster_without_a_cell_does_not_stop_the_batch() -> None:
+    """A non-periodic system (zero cell) is allowed once it is dead; the periodic ones
+    still take their volume moves, and the dead one is left as it was."""
+    model = LennardJones(cutoff=7.5).double()
+    cluster = Atoms("Ar4", positions=[[0, 0, 0], [3.8, 0, 0], [0, 3.8, 0], [0, 0, 3.8]])
+    st = state_from_atoms([argon(seed=1), cluster, argon(seed=2)], temperature_k=80.0, dtype=F64)
+    st = integ.md_init(st, model, skin=1.0)
+    assert float(torch.linalg.det(st.cell[1]).abs()) == 0.0
+    dead = st.replace(alive=torch.tensor([True, False, True]))
+    down = torch.tensor([[0.2, 0.0]] * 3, dtype=F64)
+    out, acc = baro.mc_barostat_step(  # type: ignore[arg-type]
+        dead, model, pressure_bar=1e4, temperature_k=80.0,
+        molecule_idx=torch.arange(st.n_atoms), max_dlnv=0.05, uniforms=down,
+    )  # fmt: skip
+    assert acc.tolist() == [True, False, True]
+    idx = dead.system_idx == 1
+    assert torch.equal(out.positions[idx], dead.positions[idx])
+    assert not torch.equal(out.cell[0], dead.cell[0])
