@@ -398,8 +398,9 @@ class Truth:
         return bool(self.entry(name)["cell"] != "fresh")
 
     def noise(self, kind: FilterKind) -> dict[str, float] | None:
-        # the plain filter gets the fair tuning (the ECM's error RMS on training data); the
-        # DL filter runs with the network's variance (the default where it does not apply)
+        # the plain filter gets the voltage noise train-bms tuned on training profiles (the
+        # network's record; 320 mV for v3), not the cell file's 80 mV fallback; the DL
+        # filter runs with the network's variance (the cell's fallback where it does not apply)
         return None if kind.dl else {"voltage_v": self.plain_noise_v}
 
     def run(self, kind: FilterKind, init: str = "ocv", soh: bool = False) -> dict[str, list[Trace]]:

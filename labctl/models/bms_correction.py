@@ -434,8 +434,11 @@ def train_bms(
     """Train on the ``train`` profiles of ``data_root``, score plain vs corrected filter
     on the held-out ``test`` profiles, register, and promote if not worse.
 
-    The plain filter is scored with its voltage noise set to the RMS of the ECM's error on
-    the training profiles (a fair tuning: the sensor's 1-3 mV would make it overconfident).
+    Both filters get the same tuning budget on every other training profile (SOH off):
+    the plain filter's voltage noise from ``plain_noises_v`` and the corrected filter's
+    variance inflation from ``r_inflations``, each the grid value with the lowest SOC RMSE
+    (the sensor's 1-3 mV would make the plain filter overconfident). Promotion compares
+    held-out RMSE with the promoted version's record: an accept/reject on the test set.
     """
     from edge_bms.cell import load_cell
     from edge_bms.correction import CorrectionRecord, VoltageCorrectionNet
