@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--stability-replicas", type=int, default=16)
     ap.add_argument("--stability-ps", type=float, default=5.0)
     ap.add_argument("--stability-chunk-ps", type=float, default=5.0)
+    ap.add_argument(
+        "--stability-seed", type=int, default=3, help="velocity seed: another seed, new replicas"
+    )
     ap.add_argument("--ec-molecules", type=int, default=32)
     ap.add_argument("--ec-ps", type=float, default=10.0)
     ap.add_argument("--npt-ps", type=float, default=0.0, help="NPT production per replica")
@@ -137,9 +140,14 @@ def stability(args: Any, path: Path, steps: int, report: dict[str, Any]) -> None
     """Replicas of an EC8 box under CSVR at 300 K, run in chunks of
     ``--stability-chunk-ps``: after each chunk the stable count is printed and, with
     ``--json``, the report so far is written (a run of hours keeps what it measured)."""
-    print(f"stability: {args.stability_replicas} x EC8 box, 300 K CSVR, {steps} steps")
+    print(
+        f"stability: {args.stability_replicas} x EC8 box, 300 K CSVR, {steps} steps, "
+        f"seed {args.stability_seed}"
+    )
     box = solvent_box({"EC": 8}, density=EC_DENSITY_EXP, seed=1)
-    model, state, monitor = _start(path, [box] * args.stability_replicas, 300.0, seed=3)
+    model, state, monitor = _start(
+        path, [box] * args.stability_replicas, 300.0, seed=args.stability_seed
+    )
     chunk = max(1, round(args.stability_chunk_ps * 1000 / args.timestep))
     done, wall, temps = 0, 0.0, []
     while done < steps:
