@@ -281,6 +281,17 @@ def _consider_rc(state: FilterState, g: FloatArray, a: FloatArray, p: FloatArray
     return c
 
 
+def _consider_update(c: FloatArray, gain: FloatArray, h: FloatArray) -> FloatArray:
+    """cov(x, z) after a measurement with gain K and H = [h, -1, -1]: c - K (H c), as a
+    new array (z itself is not updated)."""
+    hc = h * c[0]
+    hc -= c[1]
+    hc -= c[2]
+    out: FloatArray = gain * hc
+    np.subtract(c, out, out=out)
+    return out
+
+
 def _gain_terms(
     p: FloatArray, h: FloatArray, r: float | FloatArray
 ) -> tuple[FloatArray, FloatArray]:
@@ -352,13 +363,7 @@ def _update(
     # definite because S >= R > 0 (P_new^-1 = P^-1 + H^T H / R).
     p_post = _downdate(p, gain, u)
     np.minimum(np.maximum(x[0], SOC_CLAMP[0], out=x[0]), SOC_CLAMP[1], out=x[0])
-    c_post = None
-    if c_prior is not None:
-        hc = h * c_prior[0]
-        hc -= c_prior[1]
-        hc -= c_prior[2]
-        c_post = gain * hc
-        np.subtract(c_prior, c_post, out=c_post)
+    c_post = None if c_prior is None else _consider_update(c_prior, gain, h)
     return StepResult(
         FilterState(x, p_post, current_a, c_post),
         x[0],
@@ -512,10 +517,9 @@ def _iterate(
     res.state.x[:, idx] = x
     res.state.p[:, idx] = pb
     res.soc_sigma[idx] = np.sqrt(pb[0])
-    if c_prior is not None and res.state.c is not None:  # with the last linearisation
-        cb = c_prior[:, idx]
-        hc = h_last * cb[0] - cb[1] - cb[2]
-        res.state.c[:, idx] = cb - gain * hc
+    if c_prior is not None:  # with the last linearisation (res.state.c is then set)
+        assert res.state.c is not None
+        res.state.c[:, idx] = _consider_update(c_prior[:, idx], gain, h_last)
 
 
 def ukf_step(

@@ -16,6 +16,13 @@ SOC_GRID = np.linspace(0.0, 1.0, 21)
 T_GRID = np.array([0.0, 25.0, 45.0])
 
 
+# The noise the filter tests run with (a 5 Ah test cell, its current sensor included):
+# shared by test_filters.py and test_capacity_consider.py.
+FILTER_NOISE = FilterNoise(
+    soc_per_sqrt_s=1e-5, v1_v_per_sqrt_s=1e-4, v2_v_per_sqrt_s=5e-5, voltage_v=2e-3, current_a=0.05
+)
+
+
 def synthetic_cell_dict(capacity_ah: float = 5.0) -> dict[str, object]:
     """An NMC-like cell: OCV 3.0-4.2 V with a knee at low SOC, resistances rising in
     the cold and at low SOC. Smooth closed forms sampled on a 21 x 3 grid."""

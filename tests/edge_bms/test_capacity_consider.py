@@ -23,11 +23,9 @@ from edge_bms.filters import (
 )
 from edge_bms.soh import SohEstimator
 
-from .conftest import Simulated, pulse_profile, simulate
+from .conftest import FILTER_NOISE, Simulated, pulse_profile, simulate
 
-NOISE = FilterNoise(
-    soc_per_sqrt_s=1e-5, v1_v_per_sqrt_s=1e-4, v2_v_per_sqrt_s=5e-5, voltage_v=2e-3, current_a=0.05
-)
+NOISE = FILTER_NOISE
 PLAIN = EkfSettings(max_iterations=0)
 
 

@@ -21,11 +21,9 @@ from edge_bms.filters import (
     ukf_step,
 )
 
-from .conftest import pulse_profile, simulate
+from .conftest import FILTER_NOISE, pulse_profile, simulate
 
-NOISE = FilterNoise(
-    soc_per_sqrt_s=1e-5, v1_v_per_sqrt_s=1e-4, v2_v_per_sqrt_s=5e-5, voltage_v=2e-3, current_a=0.05
-)
+NOISE = FILTER_NOISE
 
 
 def _reference_inputs(cell: CellModel, n_steps: int, seed: int) -> tuple[np.ndarray, ...]:
