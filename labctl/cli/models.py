@@ -254,8 +254,9 @@ def models_train_bms(
     registry: Root = None,
 ) -> None:
     """Train the edge BMS voltage-correction network (torch -> ONNX) on the training
-    profiles, score the plain and the corrected filter on the held-out profiles, register
-    it, and promote it if not worse. Prints the scores (JSON)."""
+    profiles, tune it on half of them, register it, promote it if not worse than the
+    promoted version on those tuning profiles, and score the plain and the corrected
+    filter on the held-out profiles. Prints the scores (JSON)."""
     from edge_bms.cell import load_cell
     from labctl.models.bms_correction import BmsTrainConfig, ship, train_bms
 
@@ -276,6 +277,9 @@ def models_train_bms(
         "heldout_plain": result.plain,
         "heldout_corrected": result.corrected,
         "plain_voltage_noise_v": result.plain_noise_v,
+        "r_inflation": result.record.extra["r_inflation"],
+        "tune_corrected_rmse": result.tune_corrected,
+        "tune_incumbent_rmse": result.tune_incumbent,
     }
     if ship_to is not None:
         onnx_path, _ = ship(reg, result.record.name, result.record.version, ship_to)

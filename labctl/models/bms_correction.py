@@ -59,8 +59,13 @@ class BmsTrainConfig(BaseModel):
     soc_jitter: float = Field(default=0.02, ge=0, description="std of the SOC feature noise")
     var_floor_v2: float = Field(default=1e-6, gt=0, description="variance floor, V^2 (1 mV std)")
     seed: int = 0
-    r_inflations: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0)
-    plain_noises_v: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
+    r_inflations: tuple[float, ...] = (4.0, 16.0, 64.0, 256.0, 1024.0)
+    plain_noises_v: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64)
+    tune_soh: bool = Field(
+        default=True,
+        description="tune (and gate promotion) with the online SOH estimator fed back, "
+        "the configuration edge_bms ships",
+    )
     max_rows_per_profile: int = Field(default=20000, ge=100)
 
 
@@ -388,7 +393,7 @@ def correction_record(
         ],
         training_data=trained.training_data,
         metrics={**trained.metrics, **metrics},
-        primary_metric="heldout_soc_rmse",
+        primary_metric="tune_soc_rmse",
         higher_is_better=False,
         framework={
             "torch": torch.__version__,
@@ -411,7 +416,8 @@ def correction_record(
 
 @dataclass
 class BmsTrainResult:
-    """What ``labctl models train-bms`` did: the record, the promotion, the held-out scores."""
+    """What ``labctl models train-bms`` did: the record, the promotion, the held-out
+    scores, and the tuning-profile scores the promotion compared."""
 
     record: ModelRecord
     promoted: bool
@@ -420,6 +426,8 @@ class BmsTrainResult:
     corrected: dict[str, float]
     plain_noise_v: float
     onnx: bytes
+    tune_corrected: float = float("nan")
+    tune_incumbent: float | None = None
 
 
 def train_bms(
@@ -431,14 +439,17 @@ def train_bms(
     name: str = "bms-correction",
     progress: Callable[[str], None] | None = None,
 ) -> BmsTrainResult:
-    """Train on the ``train`` profiles of ``data_root``, score plain vs corrected filter
-    on the held-out ``test`` profiles, register, and promote if not worse.
+    """Train on the ``train`` profiles of ``data_root``, tune, register, promote if not
+    worse than the promoted version, and score plain vs corrected filter on the held-out
+    ``test`` profiles (reported and recorded, never used for a choice).
 
-    Both filters get the same tuning budget on every other training profile (SOH off):
-    the plain filter's voltage noise from ``plain_noises_v`` and the corrected filter's
-    variance inflation from ``r_inflations``, each the grid value with the lowest SOC RMSE
-    (the sensor's 1-3 mV would make the plain filter overconfident). Promotion compares
-    held-out RMSE with the promoted version's record: an accept/reject on the test set.
+    Both filters get the same tuning budget on every other training profile, in the
+    configuration edge_bms ships (online SOH fed back, unless ``tune_soh`` is off): the
+    plain filter's voltage noise from ``plain_noises_v`` and the corrected filter's
+    variance inflation from ``r_inflations``, each the grid value with the lowest SOC
+    RMSE (the sensor's 1-3 mV would make the plain filter overconfident). Promotion
+    compares the candidate with the promoted version run on the same tuning profiles in
+    the same configuration, so the held-out set takes no part in it (decision 0020).
     """
     from edge_bms.cell import load_cell
     from edge_bms.correction import CorrectionRecord, VoltageCorrectionNet
@@ -469,34 +480,61 @@ def train_bms(
     # the plain filter's voltage noise, the corrected filter's variance inflation.
     tune = list(train[::2])
     cfg = trained.config
+    soh = cfg.tune_soh
+    where = "with online SOH" if soh else "without SOH"
     scores = {}
     for v in cfg.plain_noises_v:
-        scores[v] = evaluate(cell, tune, None, noise={"voltage_v": v})[0]["rmse"]
-        say(f"tuning: plain filter, voltage noise {v * 1e3:g} mV: SOC RMSE {scores[v]:.4f}")
+        scores[v] = evaluate(cell, tune, None, soh=soh, noise={"voltage_v": v})[0]["rmse"]
+        say(f"tuning ({where}): plain filter, noise {v * 1e3:g} mV: SOC RMSE {scores[v]:.4f}")
     plain_noise_v = min(scores, key=scores.__getitem__)
     inflation = {}
     for k in cfg.r_inflations:
         trained.r_inflation = k
-        inflation[k] = evaluate(cell, tune, candidate())[0]["rmse"]
-        say(f"tuning: corrected filter, variance x{k:g}: SOC RMSE {inflation[k]:.4f}")
+        inflation[k] = evaluate(cell, tune, candidate(), soh=soh)[0]["rmse"]
+        say(f"tuning ({where}): corrected filter, variance x{k:g}: SOC RMSE {inflation[k]:.4f}")
     trained.r_inflation = min(inflation, key=inflation.__getitem__)
+    tune_score = inflation[trained.r_inflation]
+    incumbent_score = None
+    incumbent = reg.promoted(name)
+    if incumbent is not None:
+        data, rec = reg.load_bytes(name, incumbent)
+        old = VoltageCorrectionNet(
+            data, CorrectionRecord.model_validate(rec.model_dump(mode="json")), incumbent
+        )
+        incumbent_score = evaluate(cell, tune, old, soh=soh)[0]["rmse"]
+        say(f"promoted {incumbent} on the same tuning profiles: SOC RMSE {incumbent_score:.4f}")
     net = candidate()
     say("scoring the plain filter on the held-out profiles")
-    plain, _ = evaluate(cell, test, None, noise={"voltage_v": plain_noise_v})
+    plain, _ = evaluate(cell, test, None, soh=soh, noise={"voltage_v": plain_noise_v})
     say("scoring the corrected filter on the held-out profiles")
-    corrected, traces = evaluate(cell, test, net)
+    corrected, traces = evaluate(cell, test, net, soh=soh)
     metrics = {
+        "tune_soc_rmse": tune_score,
         "heldout_soc_rmse": corrected["rmse"],
         "heldout_soc_max_abs": corrected["max_abs"],
         "heldout_plain_soc_rmse": plain["rmse"],
         "heldout_plain_soc_max_abs": plain["max_abs"],
         "heldout_correction_used": float(np.mean([t.correction_frac for t in traces])),
         "plain_voltage_noise_v": plain_noise_v,
+        "tuned_with_soh": float(soh),
     }
     record = reg.add(model, correction_record(trained, metrics, name=name, cell=cell))
-    outcome = reg.promote_if_not_worse(name, record.version)
+    outcome = reg.promote_if_not_worse(
+        name,
+        record.version,
+        candidate_score=tune_score if incumbent_score is not None else None,
+        incumbent_score=incumbent_score,
+    )
     return BmsTrainResult(
-        record, outcome.promoted, outcome.reason, plain, corrected, plain_noise_v, model
+        record,
+        outcome.promoted,
+        outcome.reason,
+        plain,
+        corrected,
+        plain_noise_v,
+        model,
+        tune_corrected=tune_score,
+        tune_incumbent=incumbent_score,
     )
 
 

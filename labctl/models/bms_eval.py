@@ -220,8 +220,23 @@ def evaluate(
     cell: CellModel,
     profiles: Sequence[Profile],
     correction: VoltageCorrectionNet | None,
+    *,
+    soh: bool = False,
     **kw: Any,
 ) -> tuple[dict[str, float], list[Trace]]:
-    """The plain (``correction=None``) or corrected filter over ``profiles``."""
-    traces = [run_filter(cell, p, correction=correction, **kw) for p in profiles]
+    """The plain (``correction=None``) or corrected filter over ``profiles``; ``soh``:
+    with a fresh online SOH estimator per profile fed back into the filter (the shipped
+    configuration, and the benchmark's headline)."""
+    from edge_bms.soh import SohEstimator
+
+    traces = [
+        run_filter(
+            cell,
+            p,
+            correction=correction,
+            health=SohEstimator(1, cell.capacity_ah, cell=cell) if soh else None,
+            **kw,
+        )
+        for p in profiles
+    ]
     return soc_metrics(traces), traces

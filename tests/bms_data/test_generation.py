@@ -232,11 +232,16 @@ def test_train_bms_registers_ships_and_gates_promotion(
     assert net.record.metrics["heldout_soc_rmse"] == pytest.approx(
         result["heldout_corrected"]["rmse"]
     )
-    # A candidate trained for 10 steps: registered, promoted only if not worse.
+    assert result["tune_incumbent_rmse"] is None  # nothing promoted before
+    assert net.record.metrics["tune_soc_rmse"] == pytest.approx(result["tune_corrected_rmse"])
+    # A candidate trained for 10 steps: registered, promoted only if not worse than v1
+    # run on the same tuning profiles (v1's score re-measured, not read from its record).
     second = CliRunner().invoke(app, [*args, "--steps", "10"])
     assert second.exit_code == 0, second.output
     again = json.loads(second.stdout[second.stdout.index("{") :])
     assert again["version"] == "v2"
-    worse = again["heldout_corrected"]["rmse"] > result["heldout_corrected"]["rmse"]
+    assert again["tune_incumbent_rmse"] == pytest.approx(result["tune_corrected_rmse"], rel=1e-6)
+    worse = again["tune_corrected_rmse"] > again["tune_incumbent_rmse"]
     assert again["promoted"] is not worse
     assert ("worse than" if worse else "not worse than") in again["reason"]
+    assert "tune_soc_rmse" in again["reason"]
