@@ -141,6 +141,8 @@ class HealthEstimator(Protocol):
     # Optional (read with getattr): ``capacity_sigma_trusted`` ([n], Ah), the standard
     # deviation of ``capacity_ah_trusted``. With it, the filter carries the capacity's
     # uncertainty in its SOC variance (``PackEstimator(capacity_consider=True)``).
+    # ``capacity_version`` (int): changes whenever capacity or its sigma may have; with
+    # it the estimator re-reads them only then (they are read every step without it).
 
 
 class SafetyCheck(Protocol):
@@ -330,6 +332,9 @@ class PackEstimator:
         # the capacity's relative sigma passed to the filter (None: taken as exact)
         self._capacity_sigma_rel: FloatArray | None = None
         self._read_capacity_sigma()
+        # (hook, its capacity_version) when capacity and sigma were last read: a hook
+        # with a version counter is re-read only when its capacity may have changed
+        self._health_seen: tuple[object, int] | None = None
 
     def _read_capacity_sigma(self) -> None:
         """The health hook's capacity sigma over the capacity in use, for the next step."""
@@ -366,6 +371,7 @@ class PackEstimator:
             np.any(self._capacity != self.model.capacity_ah) or np.any(self._r0_scale != 1.0)
         )
         self._read_capacity_sigma()  # relative to the capacity now in use
+        self._health_seen = None  # the next health update overwrites these, as before
 
     def reset_soc(self, soc: npt.ArrayLike, sigma: float) -> None:
         """Set every cell's SOC (scalar or [n]) with standard deviation ``sigma``: the
@@ -564,13 +570,19 @@ class PackEstimator:
         # Cells fade and their resistance grows; they do not get better. A fed-back
         # estimate above the rated capacity or below the table's R0 is estimator error
         # (an SOC-difference segment the filter biased), so it is held at the bound.
-        cap = _sane(self.health.capacity_ah_trusted, self._capacity)
-        self._capacity = np.minimum(cap, HEALTH_CAPACITY_MAX * self.model.capacity_ah)
+        version = getattr(self.health, "capacity_version", None)
+        seen = self._health_seen
+        fresh = seen is None or seen[0] is not self.health or seen[1] != version
+        if fresh or not isinstance(version, int):
+            cap = _sane(self.health.capacity_ah_trusted, self._capacity)
+            self._capacity = np.minimum(cap, HEALTH_CAPACITY_MAX * self.model.capacity_ah)
+            self._read_capacity_sigma()
+            if isinstance(version, int):
+                self._health_seen = (self.health, version)
         if self.health_feedback == "all":
             r0s = _sane(self.health.r0_scale_trusted, self._r0_scale)
             self._r0_scale = np.maximum(r0s, HEALTH_R0_SCALE_MIN)
         self._scaled = True
-        self._read_capacity_sigma()
 
     # -- initial state -------------------------------------------------------------------
     def _initial_state(self, i: FloatArray, v: FloatArray, temp: FloatArray) -> FilterState:

@@ -56,13 +56,14 @@ STATE_FORMAT = "edge_bms.soh/1"
 _SCALE_RANGE = (0.1, 20.0)  # r0_scale is clipped here: a sensor glitch must not run away
 
 
-def _f(name: str, value: npt.ArrayLike, n: int) -> FloatArray:
+def _f(name: str, value: npt.ArrayLike, n: int, copy: bool = True) -> FloatArray:
+    """``value`` as [n] float64; ``copy=False`` for inputs only read (the per-step path)."""
     a = np.asarray(value, dtype=float)
     if a.ndim == 0:
         return np.full(n, float(a))
     if a.shape != (n,):
         raise InputError(f"{name} must be a scalar or have {n} values, got shape {list(a.shape)}")
-    return a.copy()
+    return a.copy() if copy else a
 
 
 # the state arrays, in state_dict order
@@ -184,6 +185,9 @@ class SohEstimator:
         self.seg_var = np.full(n, np.nan)
         self.seg_ah = np.zeros(n)
         self.seg_ah_var = np.zeros(n)
+        # bumped whenever the capacity estimate may have changed, so a reader (the pack
+        # estimator) re-reads capacity and sigma only then, not on every step
+        self.capacity_version = 0
 
     # -- results ----------------------------------------------------------------------
     @property
@@ -260,9 +264,13 @@ class SohEstimator:
         ``r0_table_ohm`` is the table's R0 at each cell's (SOC, T), so the estimate is the
         ageing scale; without it, ``r0_ref_ohm``. Returns which cells were updated.
         """
-        di = _f("d_current_a", d_current_a, self.n)
-        dv = _f("d_voltage_v", d_voltage_v, self.n)
-        r0t = self.r0_ref if r0_table_ohm is None else _f("r0_table_ohm", r0_table_ohm, self.n)
+        di = _f("d_current_a", d_current_a, self.n, copy=False)
+        dv = _f("d_voltage_v", d_voltage_v, self.n, copy=False)
+        r0t = (
+            self.r0_ref
+            if r0_table_ohm is None
+            else _f("r0_table_ohm", r0_table_ohm, self.n, copy=False)
+        )
         use = np.isfinite(di) & np.isfinite(dv) & np.isfinite(r0t)
         use &= np.abs(np.where(np.isfinite(di), di, 0.0)) >= self.options["r0_min_step_a"]
         if mask is not None:
@@ -293,10 +301,10 @@ class SohEstimator:
     ) -> BoolArray:
         """Add one (x, y) point per cell where ``mask`` (all when None): ``delta_soc`` =
         SOC at the start minus SOC at the end, ``ah`` = discharged Ah in between."""
-        x = _f("delta_soc", delta_soc, self.n)
-        y = _f("ah", ah, self.n)
-        vx = _f("var_delta_soc", var_delta_soc, self.n)
-        vy = _f("var_ah", var_ah, self.n)
+        x = _f("delta_soc", delta_soc, self.n, copy=False)
+        y = _f("ah", ah, self.n, copy=False)
+        vx = _f("var_delta_soc", var_delta_soc, self.n, copy=False)
+        vy = _f("var_ah", var_ah, self.n, copy=False)
         use = np.isfinite(x) & np.isfinite(y) & (vx > 0) & (vy > 0)
         if mask is not None:
             use &= np.broadcast_to(np.asarray(mask, dtype=bool), (self.n,))
@@ -319,6 +327,7 @@ class SohEstimator:
         self.prior_w = np.maximum(g * self.prior_w, 1e-200)
         self.n_points += use
         self._solve()
+        self.capacity_version += 1
         return use
 
     def _solve(self) -> None:
@@ -365,8 +374,8 @@ class SohEstimator:
         R0 uses ``r0_table_ohm`` if given, else the cell model's table at ``soc`` and
         ``temperature_c`` if both and a cell were given, else ``r0_ref_ohm``.
         """
-        i = _f("current_a", current_a, self.n)
-        v = _f("voltage_v", voltage_v, self.n)
+        i = _f("current_a", current_a, self.n, copy=False)
+        v = _f("voltage_v", voltage_v, self.n, copy=False)
         if not (np.isfinite(dt_s) and dt_s > 0):
             raise InputError(f"dt_s must be > 0, got {dt_s}")
         if (
@@ -389,8 +398,8 @@ class SohEstimator:
         self.seg_ah_var += (self.options["current_sigma_a"] * dt_s / 3600.0) ** 2
         if soc is None or soc_sigma is None:
             return
-        s = _f("soc", soc, self.n)
-        sv = _f("soc_sigma", soc_sigma, self.n) ** 2
+        s = _f("soc", soc, self.n, copy=False)
+        sv = _f("soc_sigma", soc_sigma, self.n, copy=False) ** 2
         trusted = np.isfinite(s) & np.isfinite(sv) & (sv <= self.options["max_point_sigma"] ** 2)
         started = np.isfinite(self.seg_soc)
         close = trusted & started & (np.abs(self.seg_soc - s) >= self.options["min_delta_soc"])
@@ -414,6 +423,8 @@ class SohEstimator:
                 close & plausible,
             )
         restart = close | (trusted & ~started)
+        if not restart.any():  # the usual step: every segment stays open
+            return
         self.seg_soc = np.where(restart, s, self.seg_soc)
         self.seg_var = np.where(restart, sv, self.seg_var)
         self.seg_ah = np.where(restart, 0.0, self.seg_ah)

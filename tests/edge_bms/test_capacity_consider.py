@@ -333,3 +333,54 @@ def test_ukf_consider_close_to_ekf_consider_on_a_near_linear_segment(cell: CellM
     np.testing.assert_allclose(u.x[0], e.x[0], atol=2e-4)
     np.testing.assert_allclose(u.p[0], e.p[0], rtol=0.02)
     np.testing.assert_allclose(u.c[0], e.c[0], rtol=0.02)
+
+
+def test_capacity_version_cache_gives_the_same_trajectory_as_reading_every_step(
+    cell: CellModel,
+) -> None:
+    """The estimator re-reads capacity and its sigma only when the SOH estimator's
+    ``capacity_version`` changes: over an aged drive in which capacity points close, the
+    SOC, sigma and fed-back capacity equal those of the same SOH estimator behind a proxy
+    without the counter (read every step), bit for bit; a set_scales value is
+    overwritten by the next health update, as without the cache."""
+    aged, _current, sim = _aged_drive(cell, seed=13)
+
+    class EveryStep:  # the same estimator, without capacity_version
+        def __init__(self, inner: SohEstimator) -> None:
+            self.inner = inner
+
+        def update(self, *args: object, **kwargs: object) -> None:
+            self.inner.update(*args, **kwargs)  # type: ignore[arg-type]
+
+        @property
+        def capacity_ah_trusted(self) -> np.ndarray:
+            return self.inner.capacity_ah_trusted
+
+        @property
+        def capacity_sigma_trusted(self) -> np.ndarray:
+            return self.inner.capacity_sigma_trusted
+
+        @property
+        def r0_scale_trusted(self) -> np.ndarray:
+            return self.inner.r0_scale_trusted
+
+    opts = {"min_delta_soc": 0.05, "max_point_sigma": 0.05}
+    cached_soh = SohEstimator(1, cell.capacity_ah, cell=cell, **opts)
+    cached = PackEstimator(cell, 1, noise=NOISE, health=cached_soh)
+    plain = PackEstimator(
+        cell, 1, noise=NOISE, health=EveryStep(SohEstimator(1, cell.capacity_ah, cell=cell, **opts))
+    )
+    caps = []
+    for k in range(sim.voltage.shape[0]):
+        a = cached.step(float(k), sim.current[k, 0], sim.voltage[k], 25.0)
+        b = plain.step(float(k), sim.current[k, 0], sim.voltage[k], 25.0)
+        np.testing.assert_array_equal(a.soc, b.soc)
+        np.testing.assert_array_equal(a.soc_sigma, b.soc_sigma)
+        np.testing.assert_array_equal(a.capacity_ah, b.capacity_ah)
+        caps.append(float(a.capacity_ah[0]))
+        if k == 3000:
+            for est in (cached, plain):
+                est.set_scales(capacity_ah=[3.0])
+    # the drive closed capacity points and the fed-back capacity moved towards the truth
+    assert cached_soh.capacity_version >= 3
+    assert abs(caps[-1] - aged.capacity_ah) < abs(cell.capacity_ah - aged.capacity_ah)
