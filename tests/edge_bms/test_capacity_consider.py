@@ -364,12 +364,14 @@ def test_capacity_version_cache_gives_the_same_trajectory_as_reading_every_step(
         def r0_scale_trusted(self) -> np.ndarray:
             return self.inner.r0_scale_trusted
 
-    opts = {"min_delta_soc": 0.05, "max_point_sigma": 0.05}
-    cached_soh = SohEstimator(1, cell.capacity_ah, cell=cell, **opts)
+    def soh() -> SohEstimator:
+        return SohEstimator(
+            1, cell.capacity_ah, cell=cell, min_delta_soc=0.05, max_point_sigma=0.05
+        )
+
+    cached_soh = soh()
     cached = PackEstimator(cell, 1, noise=NOISE, health=cached_soh)
-    plain = PackEstimator(
-        cell, 1, noise=NOISE, health=EveryStep(SohEstimator(1, cell.capacity_ah, cell=cell, **opts))
-    )
+    plain = PackEstimator(cell, 1, noise=NOISE, health=EveryStep(soh()))
     caps = []
     for k in range(sim.voltage.shape[0]):
         a = cached.step(float(k), sim.current[k, 0], sim.voltage[k], 25.0)
