@@ -28,15 +28,16 @@ Sections ``accuracy``, ``soh``, ``sop``: the estimators against the PyBaMM groun
 
 * ``accuracy``: SOC error (estimate - truth) after ``--converge-s`` (120 s) of coulomb
   counting (model capacity; from the true initial SOC and from the OCV-based start), the
-  plain EKF/UKF (voltage noise = the ECM's error RMS on training data, the network
-  record's ``plain_voltage_noise_v``) and the DL-augmented EKF/UKF (the shipped network,
-  or ``--correction PATH``), all started from the OCV of the first sample: RMSE overall,
-  per ambient temperature, fresh/aged; mean and max |error|; the time to stay within
-  ``--band`` (2 %) from an initial SOC of true -/+ 0.3 (clipped to [0, 1]; given with
-  sigma 0.3, which the estimator fuses with the first voltage's OCV reading); SOC sigma
-  calibration (share within 1 and 2 sigma, mean NEES); the issue's targets, PASS/MISS.
-  The DL filters are run twice: as they are, and with the online SOH fed back
-  (``+SOH``), which is what an aged pack needs (the model's capacity is the fresh one).
+  plain EKF/UKF (voltage noise = the cell file's ``filter_noise``, the fallback a device
+  without the network runs, which train-bms tunes) and the DL-augmented EKF/UKF (the
+  shipped network, or ``--correction PATH``), all started from the OCV of the first
+  sample: RMSE overall, per ambient temperature, fresh/aged; mean and max |error|; the
+  time to stay within ``--band`` (2 %) from an initial SOC of true -/+ 0.3 (clipped to [0,
+  1]; given with sigma 0.3, which the estimator fuses with the first voltage's OCV
+  reading); SOC sigma calibration (share within 1 and 2 sigma, mean NEES); the issue's
+  targets, PASS/MISS. The DL filters are run twice: as they are, and with the online SOH
+  fed back (``+SOH``), which is what an aged pack needs (the model's capacity is the fresh
+  one).
 * ``soh``: ``edge_bms.soh.SohEstimator`` in the estimator (``health=``): capacity and R0
   against the manifest's truth, and the SOC RMSE with SOH off vs on.
 * ``sop``: ``edge_bms.sop.power_limits`` (10 s / 30 s, charge and discharge) from the
@@ -398,9 +399,9 @@ class Truth:
         return bool(self.entry(name)["cell"] != "fresh")
 
     def noise(self, kind: FilterKind) -> dict[str, float] | None:
-        # the plain filter gets the voltage noise train-bms tuned on training profiles (the
-        # network's record; 320 mV for v3), not the cell file's 80 mV fallback; the DL
-        # filter runs with the network's variance (the cell's fallback where it does not apply)
+        # the plain filter gets the cell file's voltage noise (the device's fallback, which
+        # train-bms tunes); the DL filter runs with the network's variance (the cell's
+        # fallback on its first step and where the network does not apply)
         return None if kind.dl else {"voltage_v": self.plain_noise_v}
 
     def run(self, kind: FilterKind, init: str = "ocv", soh: bool = False) -> dict[str, list[Trace]]:
@@ -469,10 +470,16 @@ def load_truth(args: argparse.Namespace) -> Truth:
         if net is not None
         else f"none ({reason}: {msg}); DL columns omitted"
     )
+    tuned = net.record.metrics.get("plain_voltage_noise_v") if net is not None else None
     if args.plain_noise is not None:
         plain, note = float(args.plain_noise), "--plain-noise"
-    elif net is not None and "plain_voltage_noise_v" in net.record.metrics:
-        plain, note = net.record.metrics["plain_voltage_noise_v"], "the network's record"
+    elif "voltage_v" in cell.filter_noise:
+        # what a device without the network runs (decision 0020: the value train-bms tunes)
+        plain, note = cell.filter_noise["voltage_v"], "the cell file's fallback"
+        if tuned is not None and tuned != plain:
+            note += f"; NOT the {1e3 * tuned:g} mV train-bms tuned with this network"
+    elif tuned is not None:
+        plain, note = tuned, "the network's record"
     else:
         plain, note = ecm_error_rms(cell, load_split(root, "train")), "ECM error on training data"
     kinds = [FilterKind(m, dl) for m in args.methods for dl in (False, True)]
@@ -1095,8 +1102,9 @@ def main() -> None:
         "--plain-noise",
         type=float,
         default=None,
-        help="plain filter's voltage noise, V (default: the network record's "
-        "plain_voltage_noise_v, else the ECM error RMS on the training profiles)",
+        help="plain filter's voltage noise, V (default: the cell file's filter_noise, "
+        "the fallback a device runs; else the network record's plain_voltage_noise_v, "
+        "else the ECM error RMS on the training profiles)",
     )
     parser.add_argument(
         "--profiles",
