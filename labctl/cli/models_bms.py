@@ -17,6 +17,19 @@ def bms_data(
         bool, typer.Option(help="Two 4-minute profiles and a short HPPC: checks the pipeline.")
     ] = False,
     jobs: Annotated[int, typer.Option(help="Profiles simulated at once (processes).")] = 1,
+    draw: Annotated[
+        int,
+        typer.Option(
+            help="Another random draw of the same profiles (seeds shifted): initial SOC, "
+            "sensor errors, synthetic drives. 0 is the benchmark's own data."
+        ),
+    ] = 0,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            "--split", help="Only this split's profiles ('train' or 'test'), no characterization."
+        ),
+    ] = None,
 ) -> None:
     """Simulate the BMS benchmark's profiles (DFN, Chen2020, lumped thermal) with sensor
     errors, SOP truth and characterization tests, into OUT with a manifest. Resumable:
@@ -26,8 +39,20 @@ def bms_data(
     if jobs < 1:
         typer.echo(f"error: --jobs={jobs}: must be >= 1", err=True)
         raise typer.Exit(2)
+    if draw < 0:
+        typer.echo(f"error: --draw={draw}: must be >= 0", err=True)
+        raise typer.Exit(2)
+    if only not in (None, "train", "test"):
+        typer.echo(f"error: --split={only!r}: must be 'train' or 'test'", err=True)
+        raise typer.Exit(2)
     try:
-        manifest = generate(out, quick=quick, jobs=jobs)
+        manifest = generate(
+            out,
+            quick=quick,
+            jobs=jobs,
+            draw=draw,
+            split=only,  # type: ignore[arg-type]
+        )
     except DatasetError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -196,6 +196,37 @@ def test_rerun_skips_finished_files_and_redoes_a_missing_one(
         ds.generate(out, quick=False)
 
 
+def test_a_second_draw_of_the_held_out_split(
+    quick: tuple[Path, dict[str, Any], list[str]], tmp_path: Path
+) -> None:
+    """``draw=1, split="test"``: the same held-out profiles (names, cells, ambients) with
+    other seeds, hence other sensor errors and numbers; no training profile and no
+    characterization; a directory of another draw is refused, naming the draw."""
+    out0, manifest0, _ = quick
+    full0, full1 = ds.plan(draw=0), ds.plan(draw=1)
+    assert [(s.name, s.split, s.ambient) for s in full0] == [
+        (s.name, s.split, s.ambient) for s in full1
+    ]
+    assert {b.seed - a.seed for a, b in zip(full0, full1, strict=True)} == {ds.DRAW_SEED_STRIDE}
+    out = tmp_path / "draw1"
+    manifest = ds.generate(out, quick=True, draw=1, split="test", progress=None)
+    assert list(manifest["profiles"]) == ["udds_fresh_10C"]
+    assert manifest["draw"] == 1 and manifest["only_split"] == "test"
+    assert manifest["split"]["train"] == [] and manifest["characterization"]["files"] == {}
+    assert not list((out / "characterization").glob("*.csv"))
+    a = manifest0["profiles"]["udds_fresh_10C"]
+    b = manifest["profiles"]["udds_fresh_10C"]
+    assert a["sensor"] != b["sensor"] and a["sha256"] != b["sha256"]
+    v0 = read(out0 / a["file"])["voltage_v"]
+    v1 = read(out / b["file"])["voltage_v"]
+    n = min(v0.size, v1.size)
+    assert np.nanmax(np.abs(v0[:n] - v1[:n])) > 1e-3  # other noise and offsets
+    with pytest.raises(ds.DatasetError, match="draw=1"):
+        ds.generate(out, quick=True, draw=2, split="test", progress=None)
+    with pytest.raises(ds.DatasetError, match="draw=-1"):
+        ds.plan(draw=-1)
+
+
 def test_importing_the_package_stays_light() -> None:
     code = (
         "import sys, labctl.models.bms.dataset, labctl.models.bms.truth, labctl.cli.models_bms\n"

@@ -154,17 +154,27 @@ def _tag(ambient: tuple[tuple[float, float], ...]) -> str:
     return "to".join(ch.temperature_tag(a) for _, a in ambient).replace("Cto", "to")
 
 
-def plan(quick: bool = False) -> list[ProfileSpec]:
-    """The fixed list of profiles (``quick``: two short ones to exercise the pipeline)."""
+DRAW_SEED_STRIDE = 1000  # draw N shifts every profile's seed by N x this
+
+
+def plan(quick: bool = False, draw: int = 0) -> list[ProfileSpec]:
+    """The fixed list of profiles (``quick``: two short ones to exercise the pipeline).
+
+    ``draw`` > 0: the same profiles (names, cells, temperatures, split) with other
+    random draws: initial SOC, sensor errors and dropouts, synthetic drives and pulse
+    trains. A second draw of the held-out set is test data no choice has seen."""
+    if draw < 0:
+        raise DatasetError(f"draw={draw}: must be >= 0")
+    shift = DRAW_SEED_STRIDE * draw
     if quick:
         return [
-            ProfileSpec("hwfet_fresh_25C", "drive", "fresh", ((0.0, 25.0),), seed=1,
+            ProfileSpec("hwfet_fresh_25C", "drive", "fresh", ((0.0, 25.0),), seed=1 + shift,
                         cycle="hwfet", max_duration_s=240.0),
-            ProfileSpec("udds_fresh_10C", "drive", "fresh", ((0.0, 10.0),), seed=2,
+            ProfileSpec("udds_fresh_10C", "drive", "fresh", ((0.0, 10.0),), seed=2 + shift,
                         cycle="udds", max_duration_s=240.0, sop=True, sop_interval_s=120.0),
         ]  # fmt: skip
     specs: list[ProfileSpec] = []
-    seed = 100
+    seed = 100 + shift
 
     def add(kind: Kind, cell: str, ambient: tuple[tuple[float, float], ...],
             cycle: str | None = None, suffix: str = "") -> None:  # fmt: skip
@@ -500,14 +510,21 @@ def generate(
     quick: bool = False,
     jobs: int = 1,
     progress: ProgressFn | None = _default_progress,
+    *,
+    draw: int = 0,
+    split: Literal["train", "test"] | None = None,
 ) -> dict[str, Any]:
     """Generate (or complete) the data set under ``out``; returns the manifest.
 
     Resumable: a profile, SOP or characterization file whose manifest entry has the
     same spec hash and whose files are unchanged (sha256) is skipped. ``jobs`` > 1
-    simulates that many profiles at once in worker processes."""
+    simulates that many profiles at once in worker processes. ``draw``: see
+    :func:`plan`; ``split``: only that split's profiles, and no characterization tests
+    (e.g. ``draw=1, split="test"``: a second held-out set)."""
     if jobs < 1:
         raise ValueError(f"jobs={jobs}: must be >= 1")
+    if split not in (None, "train", "test"):
+        raise DatasetError(f"split={split!r}: must be 'train', 'test' or None (both)")
     say = progress or (lambda _m: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -515,16 +532,25 @@ def generate(
     old: dict[str, Any] = {}
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        if old.get("format") != FORMAT or bool(old.get("quick")) != quick:
+        if (
+            old.get("format") != FORMAT
+            or bool(old.get("quick")) != quick
+            or int(old.get("draw", 0)) != draw
+            or old.get("only_split") != split
+        ):
             raise DatasetError(
-                f"{manifest_path}: format {old.get('format')!r}, quick={old.get('quick')} "
-                f"(want {FORMAT!r}, quick={quick}); use another directory or remove it"
+                f"{manifest_path}: format {old.get('format')!r}, quick={old.get('quick')}, "
+                f"draw={old.get('draw', 0)}, split={old.get('only_split')} (want "
+                f"{FORMAT!r}, quick={quick}, draw={draw}, split={split}); use another "
+                "directory or remove it"
             )
     versions = _versions()
     started = time.perf_counter()
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "quick": quick,
+        "draw": draw,
+        "only_split": split,
         "versions": versions,
         "cell_model": {
             "model": "DFN",
@@ -572,7 +598,7 @@ def generate(
     manifest["cells"] = {k: v for k, v in manifest["cells"].items() if k in cell_names}
 
     # 2. Tasks: profiles and characterization files.
-    specs = plan(quick)
+    specs = [s for s in plan(quick, draw) if split is None or s.split == split]
     tasks: list[tuple[str, str, dict[str, Any]]] = []  # (kind, key, payload)
     for spec in specs:
         cell = manifest["cells"][spec.cell]
@@ -592,7 +618,7 @@ def generate(
         "protocol_file": "characterization/protocol.json",
         "files": {},
     }
-    for task in ch.characterization_tasks(temps, quick):
+    for task in ch.characterization_tasks(temps, quick) if split is None else []:
         key = _hash([task, fresh["spec_hash"], versions])
         prev = char_old.get(task["file"])
         if _is_current(prev, key, out / "characterization"):
@@ -601,7 +627,8 @@ def generate(
         tasks.append(("char", task["file"], {"task": task, "cell": fresh, "key": key}))
     # Longest first, so the last worker does not start a UDDS profile alone.
     tasks.sort(key=lambda x: -_expected_cost(x))
-    say(f"{len(tasks)} to generate, {len(specs) + 2 * len(temps) - len(tasks)} up to date")
+    n_char = 2 * len(temps) if split is None else 0
+    say(f"{len(tasks)} to generate, {len(specs) + n_char - len(tasks)} up to date")
 
     done = 0
 
@@ -640,7 +667,8 @@ def generate(
                     finish(kind, name, payload, fut.result())
 
     # 3. Characterization sidecar and the OCV truth table.
-    _write_characterization_sidecar(out, manifest, fresh)
+    if split is None:
+        _write_characterization_sidecar(out, manifest, fresh)
     # Order profiles as in the plan; the split lists come from the entries.
     manifest["profiles"] = {s.name: manifest["profiles"][s.name] for s in specs}
     manifest["split"] = {
