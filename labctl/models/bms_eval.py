@@ -1,6 +1,7 @@
 """Score SOC estimators on ground-truth profiles: coulomb counting, the plain filter, the
-filter with the learned correction. Used by ``labctl models train-bms`` (held-out
-metric for promotion) and ``scripts/bench_bms.py``.
+filter with the learned correction. Used by ``labctl models train-bms`` (tuning and
+promotion on training profiles, held-out scores for the record) and
+``scripts/bench_bms.py``.
 
 Conventions: the error is estimate minus truth in SOC points (fractions x 100 in the
 printed tables); "after convergence" means after ``converge_s`` seconds from the
