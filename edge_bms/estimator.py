@@ -142,7 +142,9 @@ class HealthEstimator(Protocol):
     # deviation of ``capacity_ah_trusted``. With it, the filter carries the capacity's
     # uncertainty in its SOC variance (``PackEstimator(capacity_consider=True)``).
     # ``capacity_version`` (int): changes whenever capacity or its sigma may have; with
-    # it the estimator re-reads them only then (they are read every step without it).
+    # it the estimator re-reads them only then (they are read every step without it),
+    # so a change of the hook's options, or of ``capacity_consider``, takes effect at the
+    # next version change (or ``set_scales``).
 
 
 class SafetyCheck(Protocol):

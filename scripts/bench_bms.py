@@ -402,7 +402,7 @@ class Truth:
         # the plain filter gets the cell file's voltage noise (the device's fallback, which
         # train-bms tunes); the DL filter runs with the network's variance (the cell's
         # fallback on its first step and where the network does not apply)
-        return None if kind.dl else {"voltage_v": self.plain_noise_v}
+        return None if kind.dl else {**self.cell.filter_noise, "voltage_v": self.plain_noise_v}
 
     def run(self, kind: FilterKind, init: str = "ocv", soh: bool = False) -> dict[str, list[Trace]]:
         """The traces of every held-out profile, cached: ``init`` "ocv" (one cell, SOC

@@ -17,7 +17,9 @@ shipped record's.
 
 The rule, fixed before the figures: the pair with the lowest pooled RMSE; pairs within
 0.02 points of it count as tied, and among those the one with the lowest pooled maximum
-error after 120 s wins (the convergence target fails on any excursion past 2 %).
+error after 120 s wins (the convergence target fails on any excursion past 2 %). It is
+applied to the pairs of one call: to choose v2 at the shipped inflation, pass only that
+one (``--inflations 256``); more inflations make it a joint choice.
 
 About 4 minutes on one core per inflation value (four trainings of ~7 s, ~170 filter
 runs); ``--wrong-start`` doubles it.

@@ -453,8 +453,9 @@ def train_bms(
     """
     from edge_bms.cell import load_cell
     from edge_bms.correction import CorrectionRecord, VoltageCorrectionNet
+    from edge_bms.errors import CorrectionModelError
     from labctl.models.bms_eval import evaluate
-    from labctl.models.registry import Registry, sha256_bytes
+    from labctl.models.registry import ModelError, Registry, sha256_bytes
 
     say = progress or (lambda _m: None)
     cell = cell or load_cell()
@@ -484,7 +485,8 @@ def train_bms(
     where = "with online SOH" if soh else "without SOH"
     scores = {}
     for v in cfg.plain_noises_v:
-        scores[v] = evaluate(cell, tune, None, soh=soh, noise={"voltage_v": v})[0]["rmse"]
+        noise = {**cell.filter_noise, "voltage_v": v}
+        scores[v] = evaluate(cell, tune, None, soh=soh, noise=noise)[0]["rmse"]
         say(f"tuning ({where}): plain filter, noise {v * 1e3:g} mV: SOC RMSE {scores[v]:.4f}")
     plain_noise_v = min(scores, key=scores.__getitem__)
     inflation = {}
@@ -495,17 +497,26 @@ def train_bms(
     trained.r_inflation = min(inflation, key=inflation.__getitem__)
     tune_score = inflation[trained.r_inflation]
     incumbent_score = None
+    unscorable = ""  # why the promoted version cannot run here (then the candidate wins)
     incumbent = reg.promoted(name)
     if incumbent is not None:
-        data, rec = reg.load_bytes(name, incumbent)
-        old = VoltageCorrectionNet(
-            data, CorrectionRecord.model_validate(rec.model_dump(mode="json")), incumbent
-        )
-        incumbent_score = evaluate(cell, tune, old, soh=soh)[0]["rmse"]
-        say(f"promoted {incumbent} on the same tuning profiles: SOC RMSE {incumbent_score:.4f}")
+        try:
+            data, rec = reg.load_bytes(name, incumbent)
+            old = VoltageCorrectionNet(
+                data, CorrectionRecord.model_validate(rec.model_dump(mode="json")), incumbent
+            )
+        # e.g. a network made for other features, a damaged file: it cannot run in this
+        # edge_bms, so it is no yardstick; the new network must not be lost for it
+        except (CorrectionModelError, ModelError, ValueError) as exc:
+            unscorable = f"{type(exc).__name__}: {exc}"
+            say(f"promoted {incumbent} cannot be scored ({unscorable})")
+        else:
+            incumbent_score = evaluate(cell, tune, old, soh=soh)[0]["rmse"]
+            say(f"promoted {incumbent} on the same tuning profiles: SOC RMSE {incumbent_score:.4f}")
     net = candidate()
     say("scoring the plain filter on the held-out profiles")
-    plain, _ = evaluate(cell, test, None, soh=soh, noise={"voltage_v": plain_noise_v})
+    noise = {**cell.filter_noise, "voltage_v": plain_noise_v}
+    plain, _ = evaluate(cell, test, None, soh=soh, noise=noise)
     say("scoring the corrected filter on the held-out profiles")
     corrected, traces = evaluate(cell, test, net, soh=soh)
     metrics = {
@@ -519,16 +530,27 @@ def train_bms(
         "tuned_with_soh": float(soh),
     }
     record = reg.add(model, correction_record(trained, metrics, name=name, cell=cell))
-    outcome = reg.promote_if_not_worse(
-        name,
-        record.version,
-        candidate_score=tune_score if incumbent_score is not None else None,
-        incumbent_score=incumbent_score,
-    )
+    if unscorable:
+        reg.promote(name, record.version)
+        promoted, reason = (
+            True,
+            (
+                f"promoted {incumbent} cannot be scored in this edge_bms ({unscorable}); "
+                f"{record.version} promoted as the runnable network"
+            ),
+        )
+    else:
+        outcome = reg.promote_if_not_worse(
+            name,
+            record.version,
+            candidate_score=tune_score if incumbent_score is not None else None,
+            incumbent_score=incumbent_score,
+        )
+        promoted, reason = outcome.promoted, outcome.reason
     return BmsTrainResult(
         record,
-        outcome.promoted,
-        outcome.reason,
+        promoted,
+        reason,
         plain,
         corrected,
         plain_noise_v,

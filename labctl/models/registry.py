@@ -367,8 +367,9 @@ class Registry:
 
         "Not worse" allows ``tolerance`` (relative): for a lower-is-better metric the
         candidate passes when ``candidate <= incumbent * (1 + tolerance)``. Scores default
-        to the records' held-out metrics; pass both when they were measured on the same
-        new held-out set (what :mod:`labctl.models.update` does).
+        to the records' primary metric; pass both when they were measured on the same
+        data in the same run (what :mod:`labctl.models.update` does on a new held-out
+        set, and ``train-bms`` on its tuning profiles).
         """
         if not tolerance >= 0.0:
             raise ValueError(f"tolerance: must be >= 0, got {tolerance!r}")

@@ -208,6 +208,8 @@ def test_a_second_draw_of_the_held_out_split(
         (s.name, s.split, s.ambient) for s in full1
     ]
     assert {b.seed - a.seed for a, b in zip(full0, full1, strict=True)} == {ds.DRAW_SEED_STRIDE}
+    # draw 0 keeps the seeds existing data sets were made with (so they stay up to date)
+    assert full0[0].seed == 101 and [s.seed for s in ds.plan(quick=True)] == [1, 2]
     out = tmp_path / "draw1"
     manifest = ds.generate(out, quick=True, draw=1, split="test", progress=None)
     assert list(manifest["profiles"]) == ["udds_fresh_10C"]
@@ -225,6 +227,13 @@ def test_a_second_draw_of_the_held_out_split(
         ds.generate(out, quick=True, draw=2, split="test", progress=None)
     with pytest.raises(ds.DatasetError, match="draw=-1"):
         ds.plan(draw=-1)
+    # a manifest written before draws existed (no draw / only_split keys) still resumes
+    old = json.loads((out0 / "manifest.json").read_text())
+    old.pop("draw"), old.pop("only_split")
+    (out0 / "manifest.json").write_text(json.dumps(old))
+    messages: list[str] = []
+    ds.generate(out0, quick=True, progress=messages.append)
+    assert "0 to generate, 4 up to date" in messages
 
 
 def test_importing_the_package_stays_light() -> None:
@@ -241,12 +250,14 @@ def test_train_bms_registers_ships_and_gates_promotion(
     quick: tuple[Path, dict[str, Any], list[str]], tmp_path: Path
 ) -> None:
     """`labctl models train-bms` on the quick data: a verified ONNX network with its
-    record, scored plain vs corrected on the held-out profile; a second, untrained
-    candidate is registered but not promoted over the first."""
+    record, scored plain vs corrected on the held-out profile; later candidates are
+    registered and promoted only if not worse than the promoted network re-run on the
+    tuning profiles, or if that network cannot run at all."""
     from typer.testing import CliRunner
 
     from edge_bms.correction import FEATURES, load_correction
     from labctl.cli import app
+    from labctl.models.registry import Registry
 
     out, _, _ = quick
     reg, ship = tmp_path / "reg", tmp_path / "ship"
@@ -265,14 +276,33 @@ def test_train_bms_registers_ships_and_gates_promotion(
     )
     assert result["tune_incumbent_rmse"] is None  # nothing promoted before
     assert net.record.metrics["tune_soc_rmse"] == pytest.approx(result["tune_corrected_rmse"])
-    # A candidate trained for 10 steps: registered, promoted only if not worse than v1
-    # run on the same tuning profiles (v1's score re-measured, not read from its record).
+    # v1's network again as v2, with a record from before decision 0020 (no tune score):
+    # the incumbent's score must be measured, not read from its record.
+    registry = Registry(reg)
+    data, rec = registry.load_bytes("bms-correction", "v1")
+    old = rec.model_copy(
+        update={"metrics": {k: v for k, v in rec.metrics.items() if k != "tune_soc_rmse"}}
+    )
+    registry.promote("bms-correction", registry.add(data, old).version)
+    # A candidate trained for 10 steps: registered, promoted only if not worse than v2
+    # run on the same tuning profiles.
     second = CliRunner().invoke(app, [*args, "--steps", "10"])
     assert second.exit_code == 0, second.output
     again = json.loads(second.stdout[second.stdout.index("{") :])
-    assert again["version"] == "v2"
+    assert again["version"] == "v3"
     assert again["tune_incumbent_rmse"] == pytest.approx(result["tune_corrected_rmse"], rel=1e-6)
     worse = again["tune_corrected_rmse"] > again["tune_incumbent_rmse"]
     assert again["promoted"] is not worse
     assert ("worse than" if worse else "not worse than") in again["reason"]
     assert "tune_soc_rmse" in again["reason"]
+    # A promoted network this edge_bms cannot run (made for other features): the new
+    # one is registered and promoted, and the reason says why.
+    broken = rec.model_copy(update={"extra": {**rec.extra, "features": ["soc", "x"]}})
+    registry.promote("bms-correction", registry.add(data, broken).version)
+    third = CliRunner().invoke(app, [*args, "--steps", "10"])
+    assert third.exit_code == 0, third.output
+    last = json.loads(third.stdout[third.stdout.index("{") :])
+    assert last["version"] == "v5" and last["promoted"] is True
+    assert last["tune_incumbent_rmse"] is None
+    assert "v4 cannot be scored" in last["reason"] and "features" in last["reason"]
+    assert registry.promoted("bms-correction") == "v5"

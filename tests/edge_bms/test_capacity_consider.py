@@ -342,7 +342,8 @@ def test_capacity_version_cache_gives_the_same_trajectory_as_reading_every_step(
     ``capacity_version`` changes: over an aged drive in which capacity points close, the
     SOC, sigma and fed-back capacity equal those of the same SOH estimator behind a proxy
     without the counter (read every step), bit for bit; a set_scales value is
-    overwritten by the next health update, as without the cache."""
+    overwritten by the next health update, as without the cache; a swapped hook is
+    read at once."""
     aged, _current, sim = _aged_drive(cell, seed=13)
 
     class EveryStep:  # the same estimator, without capacity_version
@@ -383,6 +384,12 @@ def test_capacity_version_cache_gives_the_same_trajectory_as_reading_every_step(
         if k == 3000:
             for est in (cached, plain):
                 est.set_scales(capacity_ah=[3.0])
+        if k == 5000:  # a new hook is read at once, even with the same version count
+            new = soh()
+            new.capacity_version = cached_soh.capacity_version
+            cached.health = new
+            plain.health = EveryStep(soh())
     # the drive closed capacity points and the fed-back capacity moved towards the truth
     assert cached_soh.capacity_version >= 3
-    assert abs(caps[-1] - aged.capacity_ah) < abs(cell.capacity_ah - aged.capacity_ah)
+    assert abs(caps[4999] - aged.capacity_ah) < abs(cell.capacity_ah - aged.capacity_ah)
+    assert caps[5002] == cell.capacity_ah  # read from the new hook at step 5001
