@@ -267,6 +267,9 @@ class PackEstimator:
     "integrity"). ``health_feedback``: what a ``health`` estimator's results change in
     the filter: "all" (capacity and R0 scale), "capacity", or "none" (estimate only);
     fed-back values are bounded by ``HEALTH_CAPACITY_MAX`` and ``HEALTH_R0_SCALE_MIN``.
+    ``r0_sigma_rel``: the relative uncertainty of the R0 the filter uses (table error
+    and ageing), carried as a consider parameter of the measurement (``ekf_step``'s
+    ``r0_sigma_rel``); None (default): R0 taken as exact.
     ``capacity_consider``: when the fed-back capacity comes with a sigma (the health
     hook's ``capacity_sigma_trusted``), the filter carries that relative uncertainty as
     a consider parameter (``ekf_step``'s ``capacity_sigma_rel``): an aged cell whose
@@ -291,6 +294,7 @@ class PackEstimator:
         safety: SafetyCheck | None = None,
         health_feedback: HealthFeedback = "all",
         capacity_consider: bool = True,
+        r0_sigma_rel: float | None = None,
     ) -> None:
         if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1:
             raise InputError(f"n_cells must be an integer >= 1, got {n_cells!r}")
@@ -331,6 +335,9 @@ class PackEstimator:
         self._last_innovation = np.zeros(n)
         self._last_v_pred = np.zeros(n)
         self.capacity_consider = bool(capacity_consider)
+        if r0_sigma_rel is not None and not (math.isfinite(r0_sigma_rel) and r0_sigma_rel >= 0):
+            raise InputError(f"r0_sigma_rel must be a number >= 0, got {r0_sigma_rel!r}")
+        self.r0_sigma_rel = None if r0_sigma_rel is None else float(r0_sigma_rel)
         # the capacity's relative sigma passed to the filter (None: taken as exact)
         self._capacity_sigma_rel: FloatArray | None = None
         self._read_capacity_sigma()
@@ -393,7 +400,11 @@ class PackEstimator:
         if c is not None:
             c = c.copy()
             c[0] = 0.0
-        self._state = FilterState(x, p, self._state.current_a, c)
+        cr = self._state.cr
+        if cr is not None:
+            cr = cr.copy()
+            cr[0] = 0.0
+        self._state = FilterState(x, p, self._state.current_a, c, cr)
 
     # -- the step ------------------------------------------------------------------------
     def step(
@@ -441,6 +452,8 @@ class PackEstimator:
             kwargs["measurement_var"] = r_var
         if self._capacity_sigma_rel is not None:
             kwargs["capacity_sigma_rel"] = self._capacity_sigma_rel
+        if self.r0_sigma_rel is not None:
+            kwargs["r0_sigma_rel"] = self.r0_sigma_rel
         # the OCV-initialised first sample has been used once already: predict only
         z = np.full(n, np.nan) if from_ocv else v
         if self.method == "ekf":
@@ -458,6 +471,8 @@ class PackEstimator:
             a.flags.writeable = False
         if res.state.c is not None:
             res.state.c.flags.writeable = False
+        if res.state.cr is not None:
+            res.state.cr.flags.writeable = False
 
         self._state = res.state
         self._last_ts = t_s
@@ -740,7 +755,9 @@ class PackEstimator:
             "x": None if st is None else st.x.tolist(),
             "p": None if st is None else st.p.tolist(),
             "c": None if st is None or st.c is None else st.c.tolist(),
+            "cr": None if st is None or st.cr is None else st.cr.tolist(),
             "capacity_consider": self.capacity_consider,
+            "r0_sigma_rel": self.r0_sigma_rel,
             "current_a": None if st is None else np.broadcast_to(st.current_a, (n,)).tolist(),
             "capacity_ah": self._capacity.tolist(),
             "r0_scale": self._r0_scale.tolist(),
@@ -793,6 +810,7 @@ class PackEstimator:
                 safety=safety,
                 health_feedback=ck.health_feedback,
                 capacity_consider=ck.capacity_consider,
+                r0_sigma_rel=ck.r0_sigma_rel,
             )
             est.set_scales(ck.capacity_ah, ck.r0_scale)
         except (InputError, ValidationError) as exc:
@@ -805,7 +823,8 @@ class PackEstimator:
         if np.any(p[[0, 3, 5]] <= 0):
             raise CheckpointError("estimator state: p has a variance <= 0")
         c = None if ck.c is None else _restore("c", ck.c, (3, n))
-        est._state = FilterState(x, p, cur, c)
+        cr = None if ck.cr is None else _restore("cr", ck.cr, (3, n))
+        est._state = FilterState(x, p, cur, c, cr)
         est._last_ts = float(ck.last_ts)
         est._last_innovation = _nan_list("last_innovation", ck.last_innovation, n)
         est._last_v_pred = _nan_list("last_v_pred", ck.last_v_pred, n)
@@ -830,6 +849,8 @@ class _Checkpoint(BaseModel):
     p: list[list[float]] | None
     c: list[list[float]] | None = None  # absent before the capacity consider term
     capacity_consider: bool = True
+    cr: list[list[float]] | None = None
+    r0_sigma_rel: float | None = None
     current_a: list[float] | None
     capacity_ah: list[float]
     r0_scale: list[float]

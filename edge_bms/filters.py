@@ -140,6 +140,9 @@ class FilterState:
     # "consider" parameter, see :func:`ekf_step`'s ``capacity_sigma_rel``); None: the
     # capacity has been taken as exact so far
     c: FloatArray | None = None
+    # [3, n]: covariance of x with the standardised error w of the R0 the filter uses
+    # (a consider parameter of the measurement, see ``ekf_step``'s ``r0_sigma_rel``)
+    cr: FloatArray | None = None
 
     @classmethod
     def initial(
@@ -292,6 +295,33 @@ def _consider_update(c: FloatArray, gain: FloatArray, h: FloatArray) -> FloatArr
     return out
 
 
+def _consider_r0_predict(state: FilterState, a: FloatArray, n: int) -> FloatArray:
+    """cov(x, w) after the prediction: F c_w with F = diag(1, a1, a2) (w, the R0 error,
+    is constant and not in the dynamics); zeros before the first R0-aware step."""
+    cr = np.zeros((3, n))
+    c0 = state.cr
+    if c0 is not None:
+        cr[0] = c0[0]
+        np.multiply(a, c0[1:3], out=cr[1:3])
+    return cr
+
+
+def _consider_r0_terms(
+    u: FloatArray, s: FloatArray, cr: FloatArray, h: FloatArray, d: FloatArray
+) -> FloatArray:
+    """Add the R0 consider parameter to u = P H^T and S (in place): the measurement is
+    h(x) + D w + v with D = -i R0 sigma_r, so cov(x, y) = P H^T + c_w D and
+    S = H P H^T + 2 D H c_w + D^2 + R. Returns H c_w + D = cov(y, w)."""
+    hc = h * cr[0]
+    hc -= cr[1]
+    hc -= cr[2]
+    u += cr * d
+    s += d * (hc + hc + d)
+    hc += d
+    out: FloatArray = hc
+    return out
+
+
 def _gain_terms(
     p: FloatArray, h: FloatArray, r: float | FloatArray
 ) -> tuple[FloatArray, FloatArray]:
@@ -335,12 +365,16 @@ def _update(
     current_a: FloatArray,
     r0_table: FloatArray,
     c_prior: FloatArray | None = None,
+    cr_prior: FloatArray | None = None,
+    d_r0: FloatArray | None = None,
 ) -> StepResult:
     """Measurement update with H = [h, -1, -1] of the prior ``x_prior``, ``p`` (neither
     is modified); ``s_extra`` is added to S (UKF). Row by row: no gathers, no [n, 3, 3]
     products. ``c_prior``: cov(x, z) of a consider parameter z, updated as c - K H c
-    (z itself is not)."""
+    (z itself is not). ``cr_prior``, ``d_r0``: cov(x, w) of the R0 error w and its
+    measurement sensitivity D (see :func:`_consider_r0_terms`)."""
     u, s = _gain_terms(p, h, r)
+    hcr = None if cr_prior is None else _consider_r0_terms(u, s, cr_prior, h, d_r0)  # type: ignore[arg-type]
     if s_extra is not None:
         s += s_extra
         # sigma-point weights with alpha << 1 have a negative centre weight and can
@@ -364,8 +398,9 @@ def _update(
     p_post = _downdate(p, gain, u)
     np.minimum(np.maximum(x[0], SOC_CLAMP[0], out=x[0]), SOC_CLAMP[1], out=x[0])
     c_post = None if c_prior is None else _consider_update(c_prior, gain, h)
+    cr_post = None if cr_prior is None or hcr is None else cr_prior - gain * hcr
     return StepResult(
-        FilterState(x, p_post, current_a, c_post),
+        FilterState(x, p_post, current_a, c_post, cr_post),
         x[0],
         np.sqrt(p_post[0]),
         v_pred,
@@ -390,6 +425,7 @@ def ekf_step(
     measurement_var: FloatArray | None = None,
     settings: EkfSettings | None = None,
     capacity_sigma_rel: ArrayOrFloat | None = None,
+    r0_sigma_rel: ArrayOrFloat | None = None,
 ) -> StepResult:
     """One extended-Kalman step (predict over ``dt_s``, update with this sample).
 
@@ -404,6 +440,10 @@ def ekf_step(
     variance grows with the charge counted through an uncertain capacity (a bias that
     white process noise cannot describe) and the voltage weighs more while it is large;
     the cross-covariance lives in ``state.c``. None: the capacity is taken as exact.
+    ``r0_sigma_rel`` (scalar or [n]): the relative uncertainty of the R0 used (table and
+    scale), carried the same way on the measurement side (``state.cr``): under current
+    the voltage then tells the filter less about SOC, as far as R0 is unknown, and a
+    bias from a wrong R0 is not read as SOC again at every sample. None: R0 exact.
     Inputs are not validated here (:class:`edge_bms.estimator.PackEstimator` does that).
     """
     i = np.asarray(current_a, dtype=float)
@@ -426,7 +466,11 @@ def ekf_step(
         v_pred += v_correction
     r = noise.voltage_v**2 if measurement_var is None else measurement_var
     settings = settings or _EKF_DEFAULT
-    res = _update(x_prior, p, rows[6], v_pred, None, voltage_v, r, i, rows[1], c)
+    cr = d_r0 = None
+    if r0_sigma_rel is not None:
+        cr = _consider_r0_predict(state, a, soc.shape[0])
+        d_r0 = -(i * r0) * r0_sigma_rel
+    res = _update(x_prior, p, rows[6], v_pred, None, voltage_v, r, i, rows[1], c, cr, d_r0)
     if settings.max_iterations > 0:
         # |SOC move| beyond the threshold anywhere? (fmax skips NaN, as > does)
         moved = res.state.x[0] - soc
@@ -450,6 +494,8 @@ def ekf_step(
                     r,
                     settings.max_iterations,
                     c,
+                    cr,
+                    r0_sigma_rel,
                 )
     return res
 
@@ -468,6 +514,8 @@ def _iterate(
     r: float | FloatArray,
     max_iterations: int,
     c_prior: FloatArray | None = None,
+    cr_prior: FloatArray | None = None,
+    r0_sigma_rel: ArrayOrFloat | None = None,
 ) -> None:
     """Iterated-EKF update of cells ``idx``, written into ``res`` (its arrays are new).
 
@@ -488,6 +536,9 @@ def _iterate(
     active = np.ones(idx.size, dtype=bool)
     gain = u = np.zeros_like(x)
     h_last = np.zeros(idx.size)
+    crb = None if cr_prior is None else cr_prior[:, idx]
+    srel = _sub(r0_sigma_rel, idx)
+    hcr_last = np.zeros(idx.size)
     for _ in range(max_iterations):
         rows = model.lookup_rows(x[0], t)
         h = rows[6]
@@ -498,6 +549,9 @@ def _iterate(
         dx = xb - x
         innov = z - hx - (h * dx[0] - dx[1] - dx[2])
         u_j, s = _gain_terms(pb, h, rr)
+        hcr = None
+        if crb is not None:
+            hcr = _consider_r0_terms(u_j, s, crb, h, -(i * r0) * srel)
         gain_j = u_j / s
         x_new = xb + gain_j * innov
         np.minimum(np.maximum(x_new[0], SOC_CLAMP[0], out=x_new[0]), SOC_CLAMP[1], out=x_new[0])
@@ -508,6 +562,8 @@ def _iterate(
         gain = np.where(active, gain_j, gain)
         u = np.where(active, u_j, u)
         h_last = np.where(active, h, h_last)
+        if hcr is not None:
+            hcr_last = np.where(active, hcr, hcr_last)
         active &= moved >= 1e-9
         if not active.any():
             break
@@ -520,6 +576,9 @@ def _iterate(
     if c_prior is not None:  # with the last linearisation (res.state.c is then set)
         assert res.state.c is not None
         res.state.c[:, idx] = _consider_update(c_prior[:, idx], gain, h_last)
+    if crb is not None:  # cov(x, w) with the last linearisation
+        assert res.state.cr is not None
+        res.state.cr[:, idx] = crb - gain * hcr_last
 
 
 def ukf_step(
@@ -537,6 +596,7 @@ def ukf_step(
     measurement_var: FloatArray | None = None,
     settings: UkfSettings | None = None,
     capacity_sigma_rel: ArrayOrFloat | None = None,
+    r0_sigma_rel: ArrayOrFloat | None = None,
 ) -> StepResult:
     """One unscented-Kalman step (scaled sigma points, 7 per cell); same arguments.
 
@@ -600,4 +660,8 @@ def ukf_step(
     if v_correction is not None:
         v_pred += v_correction
     r = noise.voltage_v**2 if measurement_var is None else measurement_var
-    return _update(x_prior, p, h, v_pred, spread, voltage_v, r, i, rows[1, 0], c)
+    cr = d_r0 = None
+    if r0_sigma_rel is not None:  # D at the mean SOC (the R0 error scales R0 there)
+        cr = _consider_r0_predict(state, a, soc.shape[0])
+        d_r0 = -(i * r0[0]) * r0_sigma_rel
+    return _update(x_prior, p, h, v_pred, spread, voltage_v, r, i, rows[1, 0], c, cr, d_r0)
