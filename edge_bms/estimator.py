@@ -68,6 +68,11 @@ RC_PRIOR_SIGMA_V = 0.01
 # Bounds on what an SOH estimate feeds back (see PackEstimator._update_health).
 HEALTH_CAPACITY_MAX = 1.0  # x the model's capacity
 HEALTH_R0_SCALE_MIN = 1.0
+# Relative uncertainty of the R0 the filter uses (table error, ageing the SOH has not
+# caught), carried as a consider parameter. Chosen on the training profiles by a rule
+# fixed beforehand (docs/decisions/0021): of 0.1/0.2/0.4, the lowest SOC RMSE among
+# values whose max error and OCV-start convergence are not worse than without it.
+R0_SIGMA_REL = 0.1
 
 
 # -- hooks ---------------------------------------------------------------------------------
@@ -269,7 +274,8 @@ class PackEstimator:
     fed-back values are bounded by ``HEALTH_CAPACITY_MAX`` and ``HEALTH_R0_SCALE_MIN``.
     ``r0_sigma_rel``: the relative uncertainty of the R0 the filter uses (table error
     and ageing), carried as a consider parameter of the measurement (``ekf_step``'s
-    ``r0_sigma_rel``); None (default): R0 taken as exact.
+    ``r0_sigma_rel``), so a start under load does not read an R0 misfit as SOC;
+    ``R0_SIGMA_REL`` by default, None: R0 taken as exact.
     ``capacity_consider``: when the fed-back capacity comes with a sigma (the health
     hook's ``capacity_sigma_trusted``), the filter carries that relative uncertainty as
     a consider parameter (``ekf_step``'s ``capacity_sigma_rel``): an aged cell whose
@@ -294,7 +300,7 @@ class PackEstimator:
         safety: SafetyCheck | None = None,
         health_feedback: HealthFeedback = "all",
         capacity_consider: bool = True,
-        r0_sigma_rel: float | None = None,
+        r0_sigma_rel: float | None = R0_SIGMA_REL,
     ) -> None:
         if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1:
             raise InputError(f"n_cells must be an integer >= 1, got {n_cells!r}")
@@ -850,7 +856,7 @@ class _Checkpoint(BaseModel):
     c: list[list[float]] | None = None  # absent before the capacity consider term
     capacity_consider: bool = True
     cr: list[list[float]] | None = None
-    r0_sigma_rel: float | None = None
+    r0_sigma_rel: float | None = R0_SIGMA_REL  # checkpoints before it resume with it
     current_a: list[float] | None
     capacity_ah: list[float]
     r0_scale: list[float]

@@ -184,11 +184,37 @@ def test_ukf_r0_consider_close_to_ekf(cell: CellModel) -> None:
     sim = simulate(cell, current, np.array([0.55]), rng, noise=NOISE)
     e = u = FilterState.initial(np.array([0.55]), 0.02)
     for k in range(current.size):
-        args = (cell,)
-        rest = (sim.current[k, 0], sim.voltage[k], 25.0, 1.0 if k else 0.0, NOISE)
-        e = ekf_step(*args, e, *rest, settings=PLAIN, r0_sigma_rel=0.3).state
-        u = ukf_step(*args, u, *rest, r0_sigma_rel=0.3).state
+        i, v, dt = sim.current[k, 0], sim.voltage[k], 1.0 if k else 0.0
+        e = ekf_step(cell, e, i, v, 25.0, dt, NOISE, settings=PLAIN, r0_sigma_rel=0.3).state
+        u = ukf_step(cell, u, i, v, 25.0, dt, NOISE, r0_sigma_rel=0.3).state
     assert e.cr is not None and u.cr is not None
     np.testing.assert_allclose(u.x[0], e.x[0], atol=2e-4)
     np.testing.assert_allclose(u.p[0], e.p[0], rtol=0.05)
     np.testing.assert_allclose(u.cr[0], e.cr[0], rtol=0.05, atol=1e-6)
+
+
+def test_pack_estimator_carries_it_by_default_and_through_a_checkpoint(cell: CellModel) -> None:
+    from edge_bms.estimator import R0_SIGMA_REL, PackEstimator
+
+    rng = np.random.default_rng(9)
+    current = pulse_profile(rng, 200)
+    sim = simulate(cell, current, np.array([0.7, 0.5]), rng, noise=NOISE)
+    est = PackEstimator(cell, 2, noise=NOISE)
+    off = PackEstimator(cell, 2, noise=NOISE, r0_sigma_rel=None)
+    for k in range(current.size):
+        est.step(float(k), sim.current[k], sim.voltage[k], 25.0)
+        off.step(float(k), sim.current[k], sim.voltage[k], 25.0)
+    assert est.r0_sigma_rel == R0_SIGMA_REL and est.state is not None
+    assert est.state.cr is not None and np.max(np.abs(est.state.cr[0])) > 0
+    assert off.state is not None and off.state.cr is None
+    back = PackEstimator.from_state_dict(cell, est.state_dict())
+    assert back.state is not None and back.state.cr is not None
+    np.testing.assert_array_equal(back.state.cr, est.state.cr)
+    assert back.r0_sigma_rel == R0_SIGMA_REL
+    # a checkpoint from before the term resumes with the default, cov(x, w) from zero
+    old = {k: v for k, v in est.state_dict().items() if k not in ("cr", "r0_sigma_rel")}
+    again = PackEstimator.from_state_dict(cell, old)
+    assert again.r0_sigma_rel == R0_SIGMA_REL and again.state is not None
+    assert again.state.cr is None
+    again.step(float(current.size), 1.0, sim.voltage[-1], 25.0)
+    assert again.state.cr is not None
