@@ -20,7 +20,6 @@ from edge_bms.estimator import (
     OCV_PRIOR_SIGMA,
     OCV_PRIOR_SIGMA_RANGE,
     OCV_PRIOR_SIGMA_V,
-    R0_SIGMA_REL,
     UNKNOWN_SOC,
     CorrectionInputs,
     PackEstimate,
@@ -329,7 +328,7 @@ def test_correction_shifts_the_predicted_voltage(cell: CellModel) -> None:
     corr = FakeCorrection(dv, np.ones(N, dtype=bool), r_var)
     e, prior = _one_step(cell, corr)
     v = cell.ocv(np.full(N, 0.6), 25.0) - 0.03
-    plain = ekf_step(cell, prior, 2.0, v, 25.0, 1.0, NOISE, r0_sigma_rel=R0_SIGMA_REL)
+    plain = ekf_step(cell, prior, 2.0, v, 25.0, 1.0, NOISE)
     np.testing.assert_allclose(e.v_pred - plain.v_pred, dv, atol=1e-12)
     assert e.flags.correction_used and e.flags.correction_reason == ""
     # the learned variance replaced R in cell 1 only

@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from edge_bms.cell import CellModel
+from edge_bms.errors import InputError
 from edge_bms.filters import SOC_CLAMP, EkfSettings, FilterState, ekf_step, ukf_step
 
 from .conftest import FILTER_NOISE, pulse_profile, simulate
@@ -193,28 +195,27 @@ def test_ukf_r0_consider_close_to_ekf(cell: CellModel) -> None:
     np.testing.assert_allclose(u.cr[0], e.cr[0], rtol=0.05, atol=1e-6)
 
 
-def test_pack_estimator_carries_it_by_default_and_through_a_checkpoint(cell: CellModel) -> None:
+def test_pack_estimator_carries_it_on_request_and_through_a_checkpoint(cell: CellModel) -> None:
     from edge_bms.estimator import R0_SIGMA_REL, PackEstimator
 
     rng = np.random.default_rng(9)
     current = pulse_profile(rng, 200)
     sim = simulate(cell, current, np.array([0.7, 0.5]), rng, noise=NOISE)
-    est = PackEstimator(cell, 2, noise=NOISE)
-    off = PackEstimator(cell, 2, noise=NOISE, r0_sigma_rel=None)
+    est = PackEstimator(cell, 2, noise=NOISE, r0_sigma_rel=R0_SIGMA_REL)
+    off = PackEstimator(cell, 2, noise=NOISE)  # the default: off
     for k in range(current.size):
         est.step(float(k), sim.current[k], sim.voltage[k], 25.0)
         off.step(float(k), sim.current[k], sim.voltage[k], 25.0)
-    assert est.r0_sigma_rel == R0_SIGMA_REL and est.state is not None
-    assert est.state.cr is not None and np.max(np.abs(est.state.cr[0])) > 0
-    assert off.state is not None and off.state.cr is None
+    assert est.state is not None and est.state.cr is not None
+    assert np.max(np.abs(est.state.cr[0])) > 0
+    assert off.r0_sigma_rel is None and off.state is not None and off.state.cr is None
     back = PackEstimator.from_state_dict(cell, est.state_dict())
     assert back.state is not None and back.state.cr is not None
     np.testing.assert_array_equal(back.state.cr, est.state.cr)
     assert back.r0_sigma_rel == R0_SIGMA_REL
-    # a checkpoint from before the term resumes with the default, cov(x, w) from zero
+    # a checkpoint from before the term resumes without it
     old = {k: v for k, v in est.state_dict().items() if k not in ("cr", "r0_sigma_rel")}
     again = PackEstimator.from_state_dict(cell, old)
-    assert again.r0_sigma_rel == R0_SIGMA_REL and again.state is not None
-    assert again.state.cr is None
-    again.step(float(current.size), 1.0, sim.voltage[-1], 25.0)
-    assert again.state.cr is not None
+    assert again.r0_sigma_rel is None and again.state is not None and again.state.cr is None
+    with pytest.raises(InputError, match="r0_sigma_rel"):
+        PackEstimator(cell, 2, r0_sigma_rel=-0.1)
