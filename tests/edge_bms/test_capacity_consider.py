@@ -13,7 +13,6 @@ import pytest
 from edge_bms.cell import CellModel
 from edge_bms.estimator import PackEstimator
 from edge_bms.filters import (
-    SOC_CLAMP,
     EkfSettings,
     FilterNoise,
     FilterState,
@@ -24,94 +23,20 @@ from edge_bms.filters import (
 from edge_bms.soh import SohEstimator
 
 from .conftest import FILTER_NOISE, Simulated, pulse_profile, simulate
+from .schmidt_reference import PLAIN, inputs, ours, reference
 
 NOISE = FILTER_NOISE
-PLAIN = EkfSettings(max_iterations=0)
 
 
 def _inputs(cell: CellModel, n_steps: int, seed: int) -> tuple[np.ndarray, ...]:
-    rng = np.random.default_rng(seed)
-    current = pulse_profile(rng, n_steps)
-    dt = rng.uniform(0.5, 2.0, n_steps)
-    temperature = np.linspace(5.0, 35.0, n_steps)
-    sim = simulate(
-        cell, current, np.array([0.7]), rng, dt=dt, temperature=temperature[:, None], noise=NOISE
-    )
-    voltage = sim.voltage[:, 0]
-    voltage[rng.choice(n_steps, 20, replace=False)] = np.nan
-    return sim.current[:, 0], voltage, temperature, dt
+    return inputs(cell, n_steps, seed)
 
 
 def _schmidt_reference(
     cell: CellModel, sigma: float, n_steps: int, seed: int, settings: EkfSettings = PLAIN
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A dense EKF over [soc, v1, v2] with the standardised capacity error z as a consider
-    parameter (4x4 covariance, z never updated): x, P [3x3] and cov(x, z) per step. With
-    ``settings.max_iterations`` > 0, an update that moves SOC beyond ``iterate_dsoc`` is
-    redone as an iterated EKF (Gauss-Newton, relinearised at each iterate), the
-    covariance and cov(x, z) from the last linearisation."""
-    current, voltage, temperature, dt = _inputs(cell, n_steps, seed)
-    x = np.array([0.6, 0.0, 0.0])
-    pa = np.zeros((4, 4))
-    pa[:3, :3] = np.diag([0.2**2, 0.01**2, 0.01**2])
-    pa[3, 3] = 1.0
-    xs, ps, cs = [], [], []
-    i_prev = 0.0
-    for k in range(n_steps):
-        d_t = dt[k] if k else 0.0
-        kq = d_t / (3600 * cell.capacity_ah)
-        d = kq * i_prev
-        soc = x[0] - d
-        # the filter's own table rows (at a grid node lookup()'s slope is one side's)
-        ocv, r0, r1, r2, tau1, tau2, docv = cell.lookup_rows(np.array([soc]), temperature[k])[:, 0]
-        a1, a2 = np.exp(-d_t / tau1), np.exp(-d_t / tau2)
-        x = np.array([soc, a1 * x[1] + r1 * (1 - a1) * i_prev, a2 * x[2] + r2 * (1 - a2) * i_prev])
-        fa = np.diag([1.0, a1, a2, 1.0])
-        fa[0, 3] = d * sigma  # dsoc'/dz
-        qa = np.diag(
-            [
-                NOISE.soc_per_sqrt_s**2 * d_t + (kq * NOISE.current_a) ** 2,
-                NOISE.v1_v_per_sqrt_s**2 * d_t,
-                NOISE.v2_v_per_sqrt_s**2 * d_t,
-                0.0,
-            ]
-        )
-        pa = fa @ pa @ fa.T + qa
-        h = np.array([docv, -1.0, -1.0, 0.0])
-        z = voltage[k]
-        if np.isfinite(z):
-            xb, pb = x.copy(), pa.copy()
-            hx = ocv - current[k] * r0 - x[1] - x[2]
-            gain = _schmidt_gain(pb, h)
-            x = xb + gain[:3] * (z - hx)
-            x[0] = min(max(x[0], SOC_CLAMP[0]), SOC_CLAMP[1])
-            if settings.max_iterations and abs(x[0] - xb[0]) > settings.iterate_dsoc:
-                for _ in range(settings.max_iterations):
-                    rows = cell.lookup_rows(np.array([x[0]]), temperature[k])[:, 0]
-                    h = np.array([rows[6], -1.0, -1.0, 0.0])
-                    hx = rows[0] - current[k] * rows[1] - x[1] - x[2]
-                    gain = _schmidt_gain(pb, h)
-                    x_new = xb + gain[:3] * (z - hx - h[:3] @ (xb - x))
-                    x_new[0] = min(max(x_new[0], SOC_CLAMP[0]), SOC_CLAMP[1])
-                    moved = abs(x_new[0] - x[0])
-                    x = x_new
-                    if moved < 1e-9:
-                        break
-            # P - K H P - P H^T K^T + K S K^T with K's z entry zeroed (exact for any gain)
-            ikh = np.eye(4) - np.outer(gain, h)
-            pa = ikh @ pb @ ikh.T + np.outer(gain, gain) * NOISE.voltage_v**2
-        x[0] = min(max(x[0], SOC_CLAMP[0]), SOC_CLAMP[1])
-        i_prev = current[k]
-        xs.append(x.copy())
-        ps.append(pa[:3, :3].copy())
-        cs.append(pa[:3, 3].copy())
-    return np.array(xs), np.array(ps), np.array(cs)
-
-
-def _schmidt_gain(pa: np.ndarray, h: np.ndarray) -> np.ndarray:
-    gain: np.ndarray = pa @ h / (h @ pa @ h + NOISE.voltage_v**2)
-    gain[3] = 0.0  # Schmidt: the consider parameter is not updated
-    return gain
+    """The dense reference with the capacity's consider parameter alone (D = 0)."""
+    return reference(cell, sigma, 0.0, n_steps, seed, settings)[:3]
 
 
 def _ours(
@@ -122,27 +47,7 @@ def _ours(
     seed: int,
     settings: EkfSettings = PLAIN,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    current, voltage, temperature, dt = _inputs(cell, n_steps, seed)
-    state = FilterState.initial(np.array([0.6]), 0.2)
-    kw = {"settings": settings} if step is ekf_step else {}
-    xs, ps, cs = [], [], []
-    for k in range(n_steps):
-        r = step(
-            cell,
-            state,
-            current[k],
-            voltage[k : k + 1],
-            temperature[k],
-            dt[k] if k else 0.0,
-            NOISE,
-            capacity_sigma_rel=sigma,
-            **kw,
-        )
-        state = r.state
-        xs.append(state.x[:, 0].copy())
-        ps.append(state.covariance()[0])
-        cs.append(np.zeros(3) if state.c is None else state.c[:, 0].copy())
-    return np.array(xs), np.array(ps), np.array(cs)
+    return ours(step, cell, sigma, None, n_steps, seed, settings)[:3]
 
 
 def test_ekf_consider_matches_the_dense_schmidt_filter(cell: CellModel) -> None:

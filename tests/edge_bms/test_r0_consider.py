@@ -12,131 +12,18 @@ import pytest
 
 from edge_bms.cell import CellModel
 from edge_bms.errors import InputError
-from edge_bms.filters import SOC_CLAMP, EkfSettings, FilterState, ekf_step, ukf_step
+from edge_bms.filters import EkfSettings, FilterState, ekf_step, ukf_step
 
 from .conftest import FILTER_NOISE, pulse_profile, simulate
+from .schmidt_reference import PLAIN, ours, reference
 
 NOISE = FILTER_NOISE
-PLAIN = EkfSettings(max_iterations=0)
-
-
-def _inputs(cell: CellModel, n_steps: int, seed: int) -> tuple[np.ndarray, ...]:
-    rng = np.random.default_rng(seed)
-    current = pulse_profile(rng, n_steps)
-    dt = rng.uniform(0.5, 2.0, n_steps)
-    temperature = np.linspace(5.0, 35.0, n_steps)
-    sim = simulate(
-        cell, current, np.array([0.7]), rng, dt=dt, temperature=temperature[:, None], noise=NOISE
-    )
-    voltage = sim.voltage[:, 0]
-    voltage[rng.random(n_steps) < 0.05] = np.nan  # dropouts: no update, c_w kept
-    return current, voltage, temperature, dt
-
-
-def _reference(
-    cell: CellModel, s_cap: float, s_r0: float, n_steps: int, seed: int, settings: EkfSettings
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Dense EKF over [soc, v1, v2, z, w]: z the standardised capacity error (in the
-    prediction), w the standardised R0 error (in the measurement, D = -i R0 s_r0); both
-    considered (never updated, variance kept at 1). x, P [3x3], cov(x, z), cov(x, w)."""
-    current, voltage, temperature, dt = _inputs(cell, n_steps, seed)
-    x = np.array([0.6, 0.0, 0.0])
-    pa = np.zeros((5, 5))
-    pa[:3, :3] = np.diag([0.2**2, 0.01**2, 0.01**2])
-    pa[3, 3] = pa[4, 4] = 1.0
-    out: tuple[list[np.ndarray], ...] = ([], [], [], [])
-    i_prev = 0.0
-
-    def meas(soc: float, k: int, x: np.ndarray) -> tuple[np.ndarray, float]:
-        rows = cell.lookup_rows(np.array([soc]), temperature[k])[:, 0]
-        h = np.array([rows[6], -1.0, -1.0, 0.0, -current[k] * rows[1] * s_r0])
-        return h, rows[0] - current[k] * rows[1] - x[1] - x[2]
-
-    def gain_of(pb: np.ndarray, h: np.ndarray) -> np.ndarray:
-        g: np.ndarray = pb @ h / (h @ pb @ h + NOISE.voltage_v**2)
-        g[3:] = 0.0
-        return g
-
-    for k in range(n_steps):
-        d_t = dt[k] if k else 0.0
-        kq = d_t / (3600 * cell.capacity_ah)
-        d = kq * i_prev
-        soc = x[0] - d
-        _, _, r1, r2, tau1, tau2, _ = cell.lookup_rows(np.array([soc]), temperature[k])[:, 0]
-        a1, a2 = np.exp(-d_t / tau1), np.exp(-d_t / tau2)
-        x = np.array([soc, a1 * x[1] + r1 * (1 - a1) * i_prev, a2 * x[2] + r2 * (1 - a2) * i_prev])
-        fa = np.diag([1.0, a1, a2, 1.0, 1.0])
-        fa[0, 3] = d * s_cap
-        qa = np.diag(
-            [
-                NOISE.soc_per_sqrt_s**2 * d_t + (kq * NOISE.current_a) ** 2,
-                NOISE.v1_v_per_sqrt_s**2 * d_t,
-                NOISE.v2_v_per_sqrt_s**2 * d_t,
-                0.0,
-                0.0,
-            ]
-        )
-        pa = fa @ pa @ fa.T + qa
-        z = voltage[k]
-        if np.isfinite(z):
-            xb, pb = x.copy(), pa.copy()
-            h, hx = meas(x[0], k, x)
-            gain = gain_of(pb, h)
-            x = xb + gain[:3] * (z - hx)
-            x[0] = min(max(x[0], SOC_CLAMP[0]), SOC_CLAMP[1])
-            if settings.max_iterations and abs(x[0] - xb[0]) > settings.iterate_dsoc:
-                for _ in range(settings.max_iterations):
-                    h, hx = meas(x[0], k, x)
-                    gain = gain_of(pb, h)
-                    x_new = xb + gain[:3] * (z - hx - h[:3] @ (xb - x)[:3])
-                    x_new[0] = min(max(x_new[0], SOC_CLAMP[0]), SOC_CLAMP[1])
-                    moved = abs(x_new[0] - x[0])
-                    x = x_new
-                    if moved < 1e-9:
-                        break
-            ikh = np.eye(5) - np.outer(gain, h)
-            pa = ikh @ pb @ ikh.T + np.outer(gain, gain) * NOISE.voltage_v**2
-        i_prev = current[k]
-        for lst, v in zip(out, (x, pa[:3, :3], pa[:3, 3], pa[:3, 4]), strict=True):
-            lst.append(v.copy())
-    return tuple(np.array(a) for a in out)  # type: ignore[return-value]
-
-
-def _ours(
-    cell: CellModel,
-    s_cap: float | None,
-    s_r0: float | None,
-    n_steps: int,
-    seed: int,
-    settings: EkfSettings,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    current, voltage, temperature, dt = _inputs(cell, n_steps, seed)
-    state = FilterState.initial(np.array([0.6]), 0.2)
-    out: tuple[list[np.ndarray], ...] = ([], [], [], [])
-    for k in range(n_steps):
-        state = ekf_step(
-            cell,
-            state,
-            current[k],
-            voltage[k : k + 1],
-            temperature[k],
-            dt[k] if k else 0.0,
-            NOISE,
-            settings=settings,
-            capacity_sigma_rel=s_cap,
-            r0_sigma_rel=s_r0,
-        ).state
-        c = np.zeros(3) if state.c is None else state.c[:, 0]
-        cr = np.zeros(3) if state.cr is None else state.cr[:, 0]
-        for lst, v in zip(out, (state.x[:, 0], state.covariance()[0], c, cr), strict=True):
-            lst.append(v.copy())
-    return tuple(np.array(a) for a in out)  # type: ignore[return-value]
 
 
 def test_ekf_r0_consider_matches_the_dense_schmidt_filter(cell: CellModel) -> None:
     for settings, n in ((PLAIN, 500), (EkfSettings(iterate_dsoc=1e-7, max_iterations=4), 300)):
-        ref = _reference(cell, 0.15, 0.3, n, seed=5, settings=settings)
-        got = _ours(cell, 0.15, 0.3, n, seed=5, settings=settings)
+        ref = reference(cell, 0.15, 0.3, n, seed=5, settings=settings)
+        got = ours(ekf_step, cell, 0.15, 0.3, n, seed=5, settings=settings)
         np.testing.assert_allclose(got[0], ref[0], rtol=0, atol=1e-10)
         np.testing.assert_allclose(got[1], ref[1], rtol=1e-7, atol=1e-16)
         np.testing.assert_allclose(got[2], ref[2], rtol=1e-7, atol=1e-14)
@@ -145,8 +32,8 @@ def test_ekf_r0_consider_matches_the_dense_schmidt_filter(cell: CellModel) -> No
 
 
 def test_r0_consider_off_is_the_filter_as_before(cell: CellModel) -> None:
-    a = _ours(cell, 0.1, None, 200, seed=6, settings=EkfSettings())
-    b = _ours(cell, 0.1, 0.0, 200, seed=6, settings=EkfSettings())
+    a = ours(ekf_step, cell, 0.1, None, 200, seed=6, settings=EkfSettings())
+    b = ours(ekf_step, cell, 0.1, 0.0, 200, seed=6, settings=EkfSettings())
     np.testing.assert_array_equal(a[0], b[0])  # sigma 0: D = 0, the same arithmetic
     np.testing.assert_array_equal(a[1], b[1])
 
