@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -82,6 +83,10 @@ class CellFile(BaseModel):
     # What the filters should assume for this cell when the caller gives no noise
     # (edge_bms.filters.FilterNoise fields): the identified model's error, not the sensor's.
     filter_noise: dict[str, float] = Field(default_factory=dict)
+    # Half the gap between the charge and discharge pseudo-OCV branches (V), one per
+    # temperature_c: hysteresis plus the test current's polarisation, so how far the
+    # true rest voltage may sit from ocv_v (the branches' mean). Optional.
+    ocv_half_gap_v: list[float] | None = None
     source: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -103,6 +108,15 @@ class CellFile(BaseModel):
                 raise ValueError(f"{name} holds a non-finite value")
             if name != "ocv_v" and np.any(table <= 0):
                 raise ValueError(f"{name} must be > 0 everywhere, min is {table.min():g}")
+        h = self.ocv_half_gap_v
+        if h is not None:
+            if len(h) != len(self.temperature_c):
+                raise ValueError(
+                    f"ocv_half_gap_v must have one value per temperature_c "
+                    f"({len(self.temperature_c)}), got {len(h)}"
+                )
+            if not all(math.isfinite(x) and 0 <= x < 1 for x in h):
+                raise ValueError(f"ocv_half_gap_v must be finite, in [0, 1) V, got {h}")
         return self
 
 
@@ -130,6 +144,7 @@ class CellModel:
     limits: Limits
     source: dict[str, Any]
     filter_noise: dict[str, float] = field(default_factory=dict)
+    ocv_half_gap_v: FloatArray | None = None  # [n_t], see CellFile
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -144,6 +159,9 @@ class CellModel:
             limits=f.limits,
             source=dict(f.source),
             filter_noise=dict(f.filter_noise),
+            ocv_half_gap_v=None
+            if f.ocv_half_gap_v is None
+            else np.asarray(f.ocv_half_gap_v, dtype=float),
         )
 
     @classmethod
@@ -183,6 +201,8 @@ class CellModel:
         out["limits"] = self.limits.model_dump()
         if self.filter_noise:
             out["filter_noise"] = self.filter_noise
+        if self.ocv_half_gap_v is not None:
+            out["ocv_half_gap_v"] = np.round(self.ocv_half_gap_v, 6).tolist()
         out["source"] = self.source
         return out
 
@@ -195,6 +215,16 @@ class CellModel:
         tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         tmp.replace(p)
         return p
+
+    def ocv_half_gap(self, temperature_c: npt.ArrayLike) -> FloatArray:
+        """Half the charge/discharge pseudo-OCV gap at ``temperature_c`` (V; interpolated,
+        held at the ends): a measure of how uncertain ``ocv_v`` is there; zeros when
+        the file has none."""
+        t = np.asarray(temperature_c, dtype=float)
+        if self.ocv_half_gap_v is None:
+            return np.zeros(t.shape)
+        out: FloatArray = np.interp(t, self.temperature_c, self.ocv_half_gap_v)
+        return out
 
     # -- lookup ---------------------------------------------------------------------
     @cached_property
@@ -411,6 +441,7 @@ class CellModel:
             self.limits,
             self.source,
             self.filter_noise,
+            self.ocv_half_gap_v,
         )
 
 

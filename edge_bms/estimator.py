@@ -74,6 +74,11 @@ HEALTH_R0_SCALE_MIN = 1.0
 # the default because on a fresh held-out draw it did not fix the misses it was for and
 # made the filter without SOH much worse (EKF + network SOC RMSE 0.83 -> 1.42 %).
 R0_SIGMA_REL = 0.1
+# The OCV start's sigma includes this many times the cell's half pseudo-OCV gap
+# (``CellModel.ocv_half_gap``: hysteresis plus the OCV test's polarisation, so how
+# uncertain the OCV table is there): 43 mV at -10 C for lg-m50, against the 5 mV
+# otherwise assumed at rest.
+START_OCV_GAP = 0.0
 
 
 # -- hooks ---------------------------------------------------------------------------------
@@ -278,6 +283,8 @@ class PackEstimator:
     ``r0_sigma_rel``), so a start under load reads less of an R0 misfit as SOC
     (``R0_SIGMA_REL`` is the value the training profiles chose); None (default): R0
     taken as exact, see decision 0021.
+    ``start_ocv_gap``: the OCV start's sigma adds this many times the cell file's half
+    pseudo-OCV gap at the temperature (``START_OCV_GAP``; 0: not at all).
     ``capacity_consider``: when the fed-back capacity comes with a sigma (the health
     hook's ``capacity_sigma_trusted``), the filter carries that relative uncertainty as
     a consider parameter (``ekf_step``'s ``capacity_sigma_rel``): an aged cell whose
@@ -303,6 +310,7 @@ class PackEstimator:
         health_feedback: HealthFeedback = "all",
         capacity_consider: bool = True,
         r0_sigma_rel: float | None = None,
+        start_ocv_gap: float = START_OCV_GAP,
     ) -> None:
         if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1:
             raise InputError(f"n_cells must be an integer >= 1, got {n_cells!r}")
@@ -346,6 +354,9 @@ class PackEstimator:
         if r0_sigma_rel is not None and not (math.isfinite(r0_sigma_rel) and r0_sigma_rel >= 0):
             raise InputError(f"r0_sigma_rel must be a number >= 0, got {r0_sigma_rel!r}")
         self.r0_sigma_rel = None if r0_sigma_rel is None else float(r0_sigma_rel)
+        if not (math.isfinite(start_ocv_gap) and start_ocv_gap >= 0):
+            raise InputError(f"start_ocv_gap must be a number >= 0, got {start_ocv_gap!r}")
+        self.start_ocv_gap = float(start_ocv_gap)
         # the capacity's relative sigma passed to the filter (None: taken as exact)
         self._capacity_sigma_rel: FloatArray | None = None
         self._read_capacity_sigma()
@@ -649,6 +660,8 @@ class PackEstimator:
         soc = self.model.soc_from_ocv(v_known + i * r0, temp)
         slope = np.abs(self.model.lookup_rows(soc, temp)[6])
         sigma_v = OCV_PRIOR_SIGMA_V + 0.5 * np.abs(i * r0)
+        if self.start_ocv_gap:  # the OCV table is this uncertain at this temperature
+            sigma_v = sigma_v + self.start_ocv_gap * self.model.ocv_half_gap(temp)
         sigma = np.clip(sigma_v / np.maximum(slope, 1e-9), *OCV_PRIOR_SIGMA_RANGE)
         return np.broadcast_to(soc, known.shape), np.broadcast_to(sigma, known.shape)
 
@@ -766,6 +779,7 @@ class PackEstimator:
             "cr": None if st is None or st.cr is None else st.cr.tolist(),
             "capacity_consider": self.capacity_consider,
             "r0_sigma_rel": self.r0_sigma_rel,
+            "start_ocv_gap": self.start_ocv_gap,
             "current_a": None if st is None else np.broadcast_to(st.current_a, (n,)).tolist(),
             "capacity_ah": self._capacity.tolist(),
             "r0_scale": self._r0_scale.tolist(),
@@ -819,6 +833,7 @@ class PackEstimator:
                 health_feedback=ck.health_feedback,
                 capacity_consider=ck.capacity_consider,
                 r0_sigma_rel=ck.r0_sigma_rel,
+                start_ocv_gap=ck.start_ocv_gap,
             )
             est.set_scales(ck.capacity_ah, ck.r0_scale)
         except (InputError, ValidationError) as exc:
@@ -859,6 +874,7 @@ class _Checkpoint(BaseModel):
     capacity_consider: bool = True
     cr: list[list[float]] | None = None
     r0_sigma_rel: float | None = None  # absent before the R0 consider term: off
+    start_ocv_gap: float = START_OCV_GAP
     current_a: list[float] | None
     capacity_ah: list[float]
     r0_scale: list[float]

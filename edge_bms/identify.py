@@ -1104,8 +1104,20 @@ def run_identification(
         "ocv": {f"{k:g}": {kk: round(vv, 5) for kk, vv in v.items()} for k, v in ocv_info.items()},
         "fit": [r.to_dict() for r in reports],
     }
+    # half the pseudo-OCV branch gap (median over SOC; hysteresis plus the test's
+    # polarisation) per model temperature, from the OCV tests that had both branches
+    gaps = {t: v["half_gap_mv_median"] for t, v in ocv_info.items()}
+    known = sorted(t for t, g in gaps.items() if math.isfinite(g))
+    hyst = np.interp(cell.temperature_c, known, [gaps[t] * 1e-3 for t in known]) if known else None
     cell = CellModel(
-        cell.name, cell.capacity_ah, cell.soc, cell.temperature_c, cell.tables, lim, source
+        cell.name,
+        cell.capacity_ah,
+        cell.soc,
+        cell.temperature_c,
+        cell.tables,
+        lim,
+        source,
+        ocv_half_gap_v=hyst,
     )
     try:  # the file format's own checks, so what we return can be saved and loaded
         CellModel.from_dict(cell.to_dict())

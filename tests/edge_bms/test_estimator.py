@@ -496,3 +496,29 @@ def test_a_given_soc_is_fused_with_the_first_ocv_reading(cell: CellModel) -> Non
     assert e.soc[1] == pytest.approx(0.9)
     assert e.soc_sigma[1] == pytest.approx(0.3)
     assert abs(e.soc[0] - true[0]) < 0.01
+
+
+def test_ocv_start_sigma_includes_the_cells_ocv_gap(cell: CellModel) -> None:
+    """With ``start_ocv_gap`` the OCV start's sigma adds that many times the cell's
+    half pseudo-OCV gap at the temperature (interpolated over the file's temperatures);
+    a cell file without it, or 0, leaves the sigma as it was; it survives a
+    checkpoint taken before the first sample."""
+    import dataclasses
+
+    gaps = np.linspace(0.04, 0.01, cell.temperature_c.size)
+    hyst = dataclasses.replace(cell, ocv_half_gap_v=gaps)
+    v = cell.ocv(np.full(N, 0.5), 0.0)
+    sig = {}
+    for name, model, k in (("plain", cell, 1.0), ("off", hyst, 0.0), ("on", hyst, 1.0)):
+        est = PackEstimator(model, N, start_ocv_gap=k)
+        sig[name] = est.step(0.0, 0.0, v, 0.0).soc_sigma.copy()
+    np.testing.assert_array_equal(sig["plain"], sig["off"])
+    slope = np.abs(cell.lookup_rows(np.full(N, 0.5), 0.0)[6])
+    expected = (OCV_PRIOR_SIGMA_V + float(hyst.ocv_half_gap(0.0))) / slope
+    np.testing.assert_allclose(sig["on"], np.clip(expected, *OCV_PRIOR_SIGMA_RANGE), rtol=1e-3)
+    assert np.all(sig["on"] > 2 * sig["off"])
+    saved = PackEstimator(hyst, N, start_ocv_gap=0.7).state_dict()
+    back = PackEstimator.from_state_dict(hyst, saved)
+    assert back.start_ocv_gap == 0.7
+    with pytest.raises(InputError, match="start_ocv_gap"):
+        PackEstimator(cell, N, start_ocv_gap=-1.0)

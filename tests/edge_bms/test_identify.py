@@ -142,6 +142,11 @@ def test_identification_recovers_the_known_parameters(
         assert np.abs(err).max() < 3e-3  # measured 1.95 mV, at the knee near 5 % SOC
         assert np.sqrt(np.mean(err**2)) < 0.6e-3  # measured 0.32 mV
         assert np.all(np.diff(cell.tables[0, :, 0]) > 0)
+    # the simulated cell has no hysteresis: the half-gap is the pseudo-OCV current's
+    # polarisation, larger where it is colder (measured 19 / 10 / 6 mV)
+    gap = cell.ocv_half_gap_v
+    assert gap is not None and 0 < gap[2] < gap[1] < gap[0] < 0.03, gap
+    assert CellModel.from_dict(cell.to_dict()).ocv_half_gap_v is not None
 
 
 def test_report_gives_the_fit_rmse_of_every_file(identified: Identification) -> None:
@@ -286,3 +291,8 @@ def test_shipped_lg_m50_model_loads_with_datasheet_limits() -> None:
     # colder is more resistive, and every fitted test is reproduced to a few mV
     assert cell.lookup(0.5, -10.0).r0 > p.r0
     assert max(f["rmse_mv"] for f in cell.source["fit"] if f["kind"] == "hppc") < 30.0
+    # the half pseudo-OCV gap the identification measured, per temperature: larger cold
+    assert cell.ocv_half_gap_v is not None
+    gaps = [cell.source["ocv"][f"{t:g}"]["half_gap_mv_median"] * 1e-3 for t in cell.temperature_c]
+    np.testing.assert_allclose(cell.ocv_half_gap_v, gaps, atol=1e-6)
+    assert cell.ocv_half_gap(-10.0) > 2 * cell.ocv_half_gap(25.0) > 0
