@@ -77,7 +77,8 @@ R0_SIGMA_REL = 0.1
 # The OCV start's sigma includes this many times the cell's half pseudo-OCV gap
 # (``CellModel.ocv_half_gap``: hysteresis plus the OCV test's polarisation, so how
 # uncertain the OCV table is there): 43 mV at -10 C for lg-m50, against the 5 mV
-# otherwise assumed at rest.
+# otherwise assumed at rest. Off: on the tuning profiles 0.58 and 1 slowed one aged 0 C
+# profile's convergence 288 -> 2307 s (docs/edge_bms.md, Benchmark).
 START_OCV_GAP = 0.0
 
 
