@@ -208,11 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         "hardware_mocks.physics.cell (the simulated lab's cycler cell), fresh, reference "
         "electrolyte 10 mS/cm; tests by scripts/characterize_mock_cell.py"
     )
-    # a shipped file: keep the per-test report, drop the per-block detail
-    from edge_bms.cell import CellModel
+    # a shipped file: keep the per-test report, drop the per-block detail (every other
+    # field, the OCV half-gap included, as identified)
+    import dataclasses
 
-    model = CellModel(cell.name, cell.capacity_ah, cell.soc, cell.temperature_c, cell.tables,
-                      cell.limits, source, cell.filter_noise)  # fmt: skip
+    model = dataclasses.replace(cell, source=source)
     path = model.save(args.model)
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
     return 0
