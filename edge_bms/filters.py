@@ -284,13 +284,19 @@ def _consider_rc(state: FilterState, g: FloatArray, a: FloatArray, p: FloatArray
     return c
 
 
-def _consider_update(c: FloatArray, gain: FloatArray, h: FloatArray) -> FloatArray:
-    """cov(x, z) after a measurement with gain K and H = [h, -1, -1]: c - K (H c), as a
-    new array (z itself is not updated)."""
-    hc = h * c[0]
+def _h_dot(h: FloatArray, c: FloatArray) -> FloatArray:
+    """H c for H = [h, -1, -1] and c [3, n] (a new [n] array)."""
+    hc: FloatArray = h * c[0]
     hc -= c[1]
     hc -= c[2]
-    out: FloatArray = gain * hc
+    return hc
+
+
+def _consider_update(c: FloatArray, gain: FloatArray, cov_yz: FloatArray) -> FloatArray:
+    """cov(x, z) of a consider parameter z after a measurement with gain K:
+    c - K cov(y, z), as a new array (z itself is not updated). cov(y, z) is H c, plus D
+    when z enters the measurement (the R0 error)."""
+    out: FloatArray = gain * cov_yz
     np.subtract(c, out, out=out)
     return out
 
@@ -307,19 +313,16 @@ def _consider_r0_predict(state: FilterState, a: FloatArray, n: int) -> FloatArra
 
 
 def _consider_r0_terms(
-    u: FloatArray, s: FloatArray, cr: FloatArray, h: FloatArray, d: FloatArray
+    u: FloatArray, s: FloatArray, cr: FloatArray, d: FloatArray, h: FloatArray
 ) -> FloatArray:
     """Add the R0 consider parameter to u = P H^T and S (in place): the measurement is
     h(x) + D w + v with D = -i R0 sigma_r, so cov(x, y) = P H^T + c_w D and
     S = H P H^T + 2 D H c_w + D^2 + R. Returns H c_w + D = cov(y, w)."""
-    hc = h * cr[0]
-    hc -= cr[1]
-    hc -= cr[2]
+    hc = _h_dot(h, cr)
     u += cr * d
     s += d * (hc + hc + d)
     hc += d
-    out: FloatArray = hc
-    return out
+    return hc
 
 
 def _gain_terms(
@@ -365,16 +368,15 @@ def _update(
     current_a: FloatArray,
     r0_table: FloatArray,
     c_prior: FloatArray | None = None,
-    cr_prior: FloatArray | None = None,
-    d_r0: FloatArray | None = None,
+    r0_consider: tuple[FloatArray, FloatArray] | None = None,
 ) -> StepResult:
     """Measurement update with H = [h, -1, -1] of the prior ``x_prior``, ``p`` (neither
     is modified); ``s_extra`` is added to S (UKF). Row by row: no gathers, no [n, 3, 3]
     products. ``c_prior``: cov(x, z) of a consider parameter z, updated as c - K H c
-    (z itself is not). ``cr_prior``, ``d_r0``: cov(x, w) of the R0 error w and its
-    measurement sensitivity D (see :func:`_consider_r0_terms`)."""
+    (z itself is not). ``r0_consider``: cov(x, w) of the R0 error w and its measurement
+    sensitivity D (see :func:`_consider_r0_terms`)."""
     u, s = _gain_terms(p, h, r)
-    hcr = None if cr_prior is None else _consider_r0_terms(u, s, cr_prior, h, d_r0)  # type: ignore[arg-type]
+    cov_yw = None if r0_consider is None else _consider_r0_terms(u, s, *r0_consider, h)
     if s_extra is not None:
         s += s_extra
         # sigma-point weights with alpha << 1 have a negative centre weight and can
@@ -397,8 +399,10 @@ def _update(
     # definite because S >= R > 0 (P_new^-1 = P^-1 + H^T H / R).
     p_post = _downdate(p, gain, u)
     np.minimum(np.maximum(x[0], SOC_CLAMP[0], out=x[0]), SOC_CLAMP[1], out=x[0])
-    c_post = None if c_prior is None else _consider_update(c_prior, gain, h)
-    cr_post = None if cr_prior is None or hcr is None else cr_prior - gain * hcr
+    c_post = None if c_prior is None else _consider_update(c_prior, gain, _h_dot(h, c_prior))
+    cr_post = None
+    if r0_consider is not None and cov_yw is not None:
+        cr_post = _consider_update(r0_consider[0], gain, cov_yw)
     return StepResult(
         FilterState(x, p_post, current_a, c_post, cr_post),
         x[0],
@@ -466,11 +470,10 @@ def ekf_step(
         v_pred += v_correction
     r = noise.voltage_v**2 if measurement_var is None else measurement_var
     settings = settings or _EKF_DEFAULT
-    cr = d_r0 = None
+    rc = None
     if r0_sigma_rel is not None:
-        cr = _consider_r0_predict(state, a, soc.shape[0])
-        d_r0 = -(i * r0) * r0_sigma_rel
-    res = _update(x_prior, p, rows[6], v_pred, None, voltage_v, r, i, rows[1], c, cr, d_r0)
+        rc = (_consider_r0_predict(state, a, soc.shape[0]), -(i * r0) * r0_sigma_rel)
+    res = _update(x_prior, p, rows[6], v_pred, None, voltage_v, r, i, rows[1], c, rc)
     if settings.max_iterations > 0:
         # |SOC move| beyond the threshold anywhere? (fmax skips NaN, as > does)
         moved = res.state.x[0] - soc
@@ -494,7 +497,7 @@ def ekf_step(
                     r,
                     settings.max_iterations,
                     c,
-                    cr,
+                    None if rc is None else rc[0],
                     r0_sigma_rel,
                 )
     return res
@@ -551,7 +554,7 @@ def _iterate(
         u_j, s = _gain_terms(pb, h, rr)
         hcr = None
         if crb is not None:
-            hcr = _consider_r0_terms(u_j, s, crb, h, -(i * r0) * srel)
+            hcr = _consider_r0_terms(u_j, s, crb, -(i * r0) * srel, h)
         gain_j = u_j / s
         x_new = xb + gain_j * innov
         np.minimum(np.maximum(x_new[0], SOC_CLAMP[0], out=x_new[0]), SOC_CLAMP[1], out=x_new[0])
@@ -575,10 +578,11 @@ def _iterate(
     res.soc_sigma[idx] = np.sqrt(pb[0])
     if c_prior is not None:  # with the last linearisation (res.state.c is then set)
         assert res.state.c is not None
-        res.state.c[:, idx] = _consider_update(c_prior[:, idx], gain, h_last)
+        cb = c_prior[:, idx]
+        res.state.c[:, idx] = _consider_update(cb, gain, _h_dot(h_last, cb))
     if crb is not None:  # cov(x, w) with the last linearisation
         assert res.state.cr is not None
-        res.state.cr[:, idx] = crb - gain * hcr_last
+        res.state.cr[:, idx] = _consider_update(crb, gain, hcr_last)
 
 
 def ukf_step(
@@ -660,8 +664,7 @@ def ukf_step(
     if v_correction is not None:
         v_pred += v_correction
     r = noise.voltage_v**2 if measurement_var is None else measurement_var
-    cr = d_r0 = None
+    rc = None
     if r0_sigma_rel is not None:  # D at the mean SOC (the R0 error scales R0 there)
-        cr = _consider_r0_predict(state, a, soc.shape[0])
-        d_r0 = -(i * r0[0]) * r0_sigma_rel
-    return _update(x_prior, p, h, v_pred, spread, voltage_v, r, i, rows[1, 0], c, cr, d_r0)
+        rc = (_consider_r0_predict(state, a, soc.shape[0]), -(i * r0[0]) * r0_sigma_rel)
+    return _update(x_prior, p, h, v_pred, spread, voltage_v, r, i, rows[1, 0], c, rc)

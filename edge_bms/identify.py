@@ -1108,7 +1108,9 @@ def run_identification(
     # polarisation) per model temperature, from the OCV tests that had both branches
     gaps = {t: v["half_gap_mv_median"] for t, v in ocv_info.items()}
     known = sorted(t for t, g in gaps.items() if math.isfinite(g))
-    hyst = np.interp(cell.temperature_c, known, [gaps[t] * 1e-3 for t in known]) if known else None
+    half_gap = (
+        np.interp(cell.temperature_c, known, [gaps[t] * 1e-3 for t in known]) if known else None
+    )
     cell = CellModel(
         cell.name,
         cell.capacity_ah,
@@ -1117,7 +1119,7 @@ def run_identification(
         cell.tables,
         lim,
         source,
-        ocv_half_gap_v=hyst,
+        ocv_half_gap_v=half_gap,
     )
     try:  # the file format's own checks, so what we return can be saved and loaded
         CellModel.from_dict(cell.to_dict())

@@ -56,8 +56,9 @@ STATE_FORMAT = "edge_bms.soh/1"
 _SCALE_RANGE = (0.1, 20.0)  # r0_scale is clipped here: a sensor glitch must not run away
 
 
-def _f(name: str, value: npt.ArrayLike, n: int, copy: bool = True) -> FloatArray:
-    """``value`` as [n] float64; ``copy=False`` for inputs only read (the per-step path)."""
+def _f(name: str, value: npt.ArrayLike, n: int, copy: bool = False) -> FloatArray:
+    """``value`` as [n] float64, possibly the caller's array (the per-step inputs are only
+    read); ``copy=True`` for what the estimator keeps."""
     a = np.asarray(value, dtype=float)
     if a.ndim == 0:
         return np.full(n, float(a))
@@ -129,12 +130,12 @@ class SohEstimator:
                 raise InputError(f"{name} must be in (0.5, 1], got {lam}")
         self.n = n_cells
         self.cell = cell
-        self.q_nominal = _f("capacity_ah", capacity_ah, n_cells)
+        self.q_nominal = _f("capacity_ah", capacity_ah, n_cells, copy=True)
         if np.any(self.q_nominal <= 0):
             raise InputError("capacity_ah must be > 0")
         if cell is not None:
             r0_ref_ohm = float(cell.lookup(0.5, 25.0).r0)
-        self.r0_ref = _f("r0_ref_ohm", r0_ref_ohm, n_cells)
+        self.r0_ref = _f("r0_ref_ohm", r0_ref_ohm, n_cells, copy=True)
         self.options: dict[str, float] = {
             "r0_forgetting": r0_forgetting,
             "r0_min_step_a": r0_min_step_a,
@@ -264,13 +265,9 @@ class SohEstimator:
         ``r0_table_ohm`` is the table's R0 at each cell's (SOC, T), so the estimate is the
         ageing scale; without it, ``r0_ref_ohm``. Returns which cells were updated.
         """
-        di = _f("d_current_a", d_current_a, self.n, copy=False)
-        dv = _f("d_voltage_v", d_voltage_v, self.n, copy=False)
-        r0t = (
-            self.r0_ref
-            if r0_table_ohm is None
-            else _f("r0_table_ohm", r0_table_ohm, self.n, copy=False)
-        )
+        di = _f("d_current_a", d_current_a, self.n)
+        dv = _f("d_voltage_v", d_voltage_v, self.n)
+        r0t = self.r0_ref if r0_table_ohm is None else _f("r0_table_ohm", r0_table_ohm, self.n)
         use = np.isfinite(di) & np.isfinite(dv) & np.isfinite(r0t)
         use &= np.abs(np.where(np.isfinite(di), di, 0.0)) >= self.options["r0_min_step_a"]
         if mask is not None:
@@ -301,10 +298,10 @@ class SohEstimator:
     ) -> BoolArray:
         """Add one (x, y) point per cell where ``mask`` (all when None): ``delta_soc`` =
         SOC at the start minus SOC at the end, ``ah`` = discharged Ah in between."""
-        x = _f("delta_soc", delta_soc, self.n, copy=False)
-        y = _f("ah", ah, self.n, copy=False)
-        vx = _f("var_delta_soc", var_delta_soc, self.n, copy=False)
-        vy = _f("var_ah", var_ah, self.n, copy=False)
+        x = _f("delta_soc", delta_soc, self.n)
+        y = _f("ah", ah, self.n)
+        vx = _f("var_delta_soc", var_delta_soc, self.n)
+        vy = _f("var_ah", var_ah, self.n)
         use = np.isfinite(x) & np.isfinite(y) & (vx > 0) & (vy > 0)
         if mask is not None:
             use &= np.broadcast_to(np.asarray(mask, dtype=bool), (self.n,))
@@ -374,8 +371,8 @@ class SohEstimator:
         R0 uses ``r0_table_ohm`` if given, else the cell model's table at ``soc`` and
         ``temperature_c`` if both and a cell were given, else ``r0_ref_ohm``.
         """
-        i = _f("current_a", current_a, self.n, copy=False)
-        v = _f("voltage_v", voltage_v, self.n, copy=False)
+        i = _f("current_a", current_a, self.n)
+        v = _f("voltage_v", voltage_v, self.n)
         if not (np.isfinite(dt_s) and dt_s > 0):
             raise InputError(f"dt_s must be > 0, got {dt_s}")
         if (
@@ -398,8 +395,8 @@ class SohEstimator:
         self.seg_ah_var += (self.options["current_sigma_a"] * dt_s / 3600.0) ** 2
         if soc is None or soc_sigma is None:
             return
-        s = _f("soc", soc, self.n, copy=False)
-        sv = _f("soc_sigma", soc_sigma, self.n, copy=False) ** 2
+        s = _f("soc", soc, self.n)
+        sv = _f("soc_sigma", soc_sigma, self.n) ** 2
         trusted = np.isfinite(s) & np.isfinite(sv) & (sv <= self.options["max_point_sigma"] ** 2)
         started = np.isfinite(self.seg_soc)
         close = trusted & started & (np.abs(self.seg_soc - s) >= self.options["min_delta_soc"])
@@ -459,7 +456,7 @@ class SohEstimator:
                 **opts,
             )
             est.cell = cell
-            est.r0_ref = _f("r0_ref_ohm", data["r0_ref_ohm"], n)
+            est.r0_ref = _f("r0_ref_ohm", data["r0_ref_ohm"], n, copy=True)
             for k in _ARRAYS:
                 values = data["arrays"][k]
                 a = np.array([np.nan if x is None else float(x) for x in values], dtype=float)

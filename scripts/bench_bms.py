@@ -81,6 +81,8 @@ from edge_bms.soh import SohEstimator
 from edge_bms.sop import NO_DERATING, power_limits
 from labctl.models.bms_correction import Profile, ecm_residuals, load_split
 from labctl.models.bms_eval import (
+    WRONG_BY,
+    WRONG_MIN,
     Method,
     Trace,
     converge_time,
@@ -88,7 +90,7 @@ from labctl.models.bms_eval import (
     ocv_initial_soc,
     run_cells,
     soc_metrics,
-    usable_rows,
+    wrong_starts,
 )
 
 FloatArray = npt.NDArray[np.float64]
@@ -348,10 +350,6 @@ TARGET_RMSE_25C = 0.005
 TARGET_MAX_AFTER = 0.03
 TARGET_CONVERGE_S = 120.0
 TARGET_DL_GAIN = 0.25  # DL RMSE at least 25 % below the plain filter's
-WRONG_BY = 0.30  # the initial-SOC error of the convergence runs
-# A run of the convergence test counts when clipping to [0, 1] left its start at least
-# this far off (true + 0.3 from 0.95 starts only 0.05 off, which says little).
-WRONG_MIN = 0.10
 PLOT_PROFILES = ("udds_fresh_m10C", "udds_fresh_10C", "udds_fresh_25C", "udds_aged80_0C")
 
 
@@ -599,13 +597,6 @@ def _join_stats(
     if not times:
         return {"median_s": math.nan, "worst_s": math.nan}
     return {"median_s": float(np.median(times)), "worst_s": float(max(times))}
-
-
-def wrong_starts(p: Profile) -> tuple[float, list[float]]:
-    """The true initial SOC and the two wrong starts: true -/+ WRONG_BY, clipped."""
-    assert p.soc_true is not None
-    s0 = float(p.soc_true[usable_rows(p)][0])
-    return s0, [max(s0 - WRONG_BY, 0.0), min(s0 + WRONG_BY, 1.0)]
 
 
 def _coulomb(tr: Truth, start: str) -> dict[str, list[Trace]]:

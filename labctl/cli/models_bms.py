@@ -39,12 +39,6 @@ def bms_data(
     if jobs < 1:
         typer.echo(f"error: --jobs={jobs}: must be >= 1", err=True)
         raise typer.Exit(2)
-    if draw < 0:
-        typer.echo(f"error: --draw={draw}: must be >= 0", err=True)
-        raise typer.Exit(2)
-    if only not in (None, "train", "test"):
-        typer.echo(f"error: --split={only!r}: must be 'train' or 'test'", err=True)
-        raise typer.Exit(2)
     try:
         manifest = generate(
             out,

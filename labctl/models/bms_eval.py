@@ -21,6 +21,7 @@ import numpy.typing as npt
 from edge_bms.cell import CellModel
 from edge_bms.correction import VoltageCorrectionNet
 from edge_bms.estimator import HealthEstimator, PackEstimator
+from edge_bms.soh import SohEstimator
 from labctl.models.bms_correction import Profile
 
 FloatArray = npt.NDArray[np.float64]
@@ -159,6 +160,20 @@ def ocv_initial_soc(cell: CellModel, p: Profile) -> float:
     return float(np.asarray(cell.soc_from_ocv(v0 + i0 * r0, t0)).reshape(-1)[0])
 
 
+WRONG_BY = 0.30  # the initial-SOC error of the convergence runs
+# A run of the convergence test counts when clipping to [0, 1] left its start at least
+# this far off (true + 0.3 from 0.95 starts only 0.05 off, which says little).
+WRONG_MIN = 0.10
+
+
+def wrong_starts(p: Profile) -> tuple[float, list[float]]:
+    """The true initial SOC and the two wrong starts: true -/+ WRONG_BY, clipped."""
+    if p.soc_true is None:
+        raise ValueError(f"profile {p.name}: no soc_true column")
+    s0 = float(p.soc_true[usable_rows(p)][0])
+    return s0, [max(s0 - WRONG_BY, 0.0), min(s0 + WRONG_BY, 1.0)]
+
+
 def coulomb_count(p: Profile, capacity_ah: float, initial_soc: float | None = None) -> Trace:
     """The peer every BMS is compared with: integrate measured current from a start SOC."""
     if p.soc_true is None:
@@ -228,8 +243,6 @@ def evaluate(
     """The plain (``correction=None``) or corrected filter over ``profiles``; ``soh``:
     with a fresh online SOH estimator per profile fed back into the filter (the shipped
     configuration, and the benchmark's headline)."""
-    from edge_bms.soh import SohEstimator
-
     traces = [
         run_filter(
             cell,

@@ -227,6 +227,9 @@ def test_a_second_draw_of_the_held_out_split(
         ds.generate(out, quick=True, draw=2, split="test", progress=None)
     with pytest.raises(ds.DatasetError, match="draw=-1"):
         ds.plan(draw=-1)
+    with pytest.raises(ds.DatasetError, match="draw=-1"):  # before any simulation
+        ds.generate(tmp_path / "bad", quick=True, draw=-1, progress=None)
+    assert not (tmp_path / "bad").exists()
     # a manifest written before draws existed (no draw / only_split keys) still resumes
     old = json.loads((out0 / "manifest.json").read_text())
     old.pop("draw"), old.pop("only_split")

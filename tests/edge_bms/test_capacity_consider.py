@@ -28,10 +28,6 @@ from .schmidt_reference import PLAIN, inputs, ours, reference
 NOISE = FILTER_NOISE
 
 
-def _inputs(cell: CellModel, n_steps: int, seed: int) -> tuple[np.ndarray, ...]:
-    return inputs(cell, n_steps, seed)
-
-
 def _schmidt_reference(
     cell: CellModel, sigma: float, n_steps: int, seed: int, settings: EkfSettings = PLAIN
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -93,7 +89,7 @@ def test_joint_covariance_stays_positive_definite(
     """[[P, c], [c^T, 1]] is a covariance: P - c c^T must stay positive definite, also
     with a sigma that changes from step to step (EKF with its default iterated update,
     which the 30-point-off start triggers)."""
-    current, voltage, temperature, dt = _inputs(cell, 800, seed=8)
+    current, voltage, temperature, dt = inputs(cell, 800, seed=8)
     state = FilterState.initial(np.array([0.2, 0.6, 0.9]), 0.3)
     sigmas = np.array([0.05, 0.2, 0.4])
     for k in range(800):

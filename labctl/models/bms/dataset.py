@@ -525,6 +525,7 @@ def generate(
         raise ValueError(f"jobs={jobs}: must be >= 1")
     if split not in (None, "train", "test"):
         raise DatasetError(f"split={split!r}: must be 'train', 'test' or None (both)")
+    specs = [s for s in plan(quick, draw) if split is None or s.split == split]  # checks draw
     say = progress or (lambda _m: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -598,7 +599,6 @@ def generate(
     manifest["cells"] = {k: v for k, v in manifest["cells"].items() if k in cell_names}
 
     # 2. Tasks: profiles and characterization files.
-    specs = [s for s in plan(quick, draw) if split is None or s.split == split]
     tasks: list[tuple[str, str, dict[str, Any]]] = []  # (kind, key, payload)
     for spec in specs:
         cell = manifest["cells"][spec.cell]
