@@ -42,6 +42,7 @@ FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 Method = Literal["ekf", "ukf"]
 HealthFeedback = Literal["all", "capacity", "none"]  # what an SOH estimate feeds back
+StartDrop = Literal["r0", "two_slope"]  # the drop an OCV start corrects the voltage for
 
 STATE_FORMAT = "edge_bms.estimator/1"
 # Plausibility bounds of raw inputs: beyond them a value is a sensor or wiring fault, not a
@@ -80,6 +81,14 @@ R0_SIGMA_REL = 0.1
 # otherwise assumed at rest. Off: on the tuning profiles 0.58 and 1 slowed one aged 0 C
 # profile's convergence 288 -> 2307 s (docs/edge_bms.md, Benchmark).
 START_OCV_GAP = 0.0
+# How the OCV start corrects the first voltage for the current flowing: "r0" (i * R0,
+# the table's pulse resistance) or "two_slope" (CellModel.start_drop: the cell file's
+# small-current resistance below its pseudo-OCV test current, R0 above; i * R0 for a
+# file without it). See decision 0022.
+START_DROP: StartDrop = "r0"
+# The share of the start's drop taken as 1-sigma voltage uncertainty is applied to
+# i * R0 (False) or to the whole modelled drop (True). Decision 0022.
+START_SIGMA_FROM_DROP = False
 
 
 # -- hooks ---------------------------------------------------------------------------------
@@ -312,6 +321,7 @@ class PackEstimator:
         capacity_consider: bool = True,
         r0_sigma_rel: float | None = None,
         start_ocv_gap: float = START_OCV_GAP,
+        start_drop: StartDrop = START_DROP,
     ) -> None:
         if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1:
             raise InputError(f"n_cells must be an integer >= 1, got {n_cells!r}")
@@ -358,6 +368,9 @@ class PackEstimator:
         if not (math.isfinite(start_ocv_gap) and start_ocv_gap >= 0):
             raise InputError(f"start_ocv_gap must be a number >= 0, got {start_ocv_gap!r}")
         self.start_ocv_gap = float(start_ocv_gap)
+        if start_drop not in ("r0", "two_slope"):
+            raise InputError(f"start_drop must be 'r0' or 'two_slope', got {start_drop!r}")
+        self.start_drop: StartDrop = start_drop
         # the capacity's relative sigma passed to the filter (None: taken as exact)
         self._capacity_sigma_rel: FloatArray | None = None
         self._read_capacity_sigma()
@@ -658,9 +671,13 @@ class PackEstimator:
         # (the prior sigma covers it)
         soc_v = self.model.soc_from_ocv(v_known, temp)
         r0 = self.model.lookup(soc_v, temp).r0 * self._r0_scale
-        soc = self.model.soc_from_ocv(v_known + i * r0, temp)
+        if self.start_drop == "two_slope":
+            drop = self.model.start_drop(i, soc_v, temp, self._r0_scale)
+        else:
+            drop = i * r0
+        soc = self.model.soc_from_ocv(v_known + drop, temp)
         slope = np.abs(self.model.lookup_rows(soc, temp)[6])
-        sigma_v = OCV_PRIOR_SIGMA_V + 0.5 * np.abs(i * r0)
+        sigma_v = OCV_PRIOR_SIGMA_V + 0.5 * np.abs(drop if START_SIGMA_FROM_DROP else i * r0)
         if self.start_ocv_gap:  # the OCV table is this uncertain at this temperature
             sigma_v = sigma_v + self.start_ocv_gap * self.model.ocv_half_gap(temp)
         sigma = np.clip(sigma_v / np.maximum(slope, 1e-9), *OCV_PRIOR_SIGMA_RANGE)
@@ -781,6 +798,7 @@ class PackEstimator:
             "capacity_consider": self.capacity_consider,
             "r0_sigma_rel": self.r0_sigma_rel,
             "start_ocv_gap": self.start_ocv_gap,
+            "start_drop": self.start_drop,
             "current_a": None if st is None else np.broadcast_to(st.current_a, (n,)).tolist(),
             "capacity_ah": self._capacity.tolist(),
             "r0_scale": self._r0_scale.tolist(),
@@ -835,6 +853,7 @@ class PackEstimator:
                 capacity_consider=ck.capacity_consider,
                 r0_sigma_rel=ck.r0_sigma_rel,
                 start_ocv_gap=ck.start_ocv_gap,
+                start_drop=ck.start_drop,
             )
             est.set_scales(ck.capacity_ah, ck.r0_scale)
         except (InputError, ValidationError) as exc:
@@ -876,6 +895,7 @@ class _Checkpoint(BaseModel):
     cr: list[list[float]] | None = None
     r0_sigma_rel: float | None = None  # absent before the R0 consider term: off
     start_ocv_gap: float = START_OCV_GAP
+    start_drop: StartDrop = "r0"  # absent before the choice existed: the old start
     current_a: list[float] | None
     capacity_ah: list[float]
     r0_scale: list[float]

@@ -513,6 +513,7 @@ class OcvTest:
     q_full: float  # the coulomb count at the start of the discharge (full)
     rest_q: FloatArray  # rested points (Ah since full, V): the rest before the discharge
     rest_v: FloatArray
+    current_a: float  # the test's current: median |i| over the settled branches
 
 
 def _rest_threshold(i: FloatArray) -> float:
@@ -577,6 +578,7 @@ def _ocv_test(s: Series) -> OcvTest:
         q_full,
         rest_q,
         rest_v,
+        float(np.median(np.abs(np.concatenate([s.i[ds], s.i[cs]])))),
     )
 
 
@@ -1111,6 +1113,14 @@ def run_identification(
     half_gap = (
         np.interp(cell.temperature_c, known, [gaps[t] * 1e-3 for t in known]) if known else None
     )
+    # the current the gaps were measured at (one C-rate for every test, else no value:
+    # the gap over the current is then no single resistance scale)
+    currents = [ocv_tests[t].current_a for t in known]
+    test_current = (
+        float(np.median(currents))
+        if currents and max(currents) <= 1.1 * min(currents)
+        else None
+    )
     cell = CellModel(
         cell.name,
         cell.capacity_ah,
@@ -1120,6 +1130,7 @@ def run_identification(
         lim,
         source,
         ocv_half_gap_v=half_gap,
+        ocv_test_current_a=None if half_gap is None or test_current is None else round(test_current, 5),
     )
     try:  # the file format's own checks, so what we return can be saved and loaded
         CellModel.from_dict(cell.to_dict())
