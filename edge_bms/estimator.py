@@ -84,11 +84,12 @@ START_OCV_GAP = 0.0
 # How the OCV start corrects the first voltage for the current flowing: "r0" (i * R0,
 # the table's pulse resistance) or "two_slope" (CellModel.start_drop: the cell file's
 # small-current resistance below its pseudo-OCV test current, R0 above; i * R0 for a
-# file without it). See decision 0022.
-START_DROP: StartDrop = "r0"
-# The share of the start's drop taken as 1-sigma voltage uncertainty is applied to
-# i * R0 (False) or to the whole modelled drop (True). Decision 0022.
-START_SIGMA_FROM_DROP = False
+# file without it). The training profiles chose "two_slope" by decision 0022's rule:
+# their cold starts at rest under a 0.11 A auxiliary load read 4-7 points low with "r0".
+START_DROP: StartDrop = "two_slope"
+# The OCV start's voltage sigma is 5 mV plus half of the drop it corrected for: of the
+# whole modelled drop (True, chosen with START_DROP by decision 0022) or of i * R0 only.
+START_SIGMA_FROM_DROP = True
 
 
 # -- hooks ---------------------------------------------------------------------------------

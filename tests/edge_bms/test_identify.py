@@ -147,6 +147,10 @@ def test_identification_recovers_the_known_parameters(
     gap = cell.ocv_half_gap_v
     assert gap is not None and 0 < gap[2] < gap[1] < gap[0] < 0.03, gap
     assert CellModel.from_dict(cell.to_dict()).ocv_half_gap_v is not None
+    # the current the gap was measured at (the pseudo-OCV test's C/20), kept in the file
+    q = truth.capacity_ah
+    assert cell.ocv_test_current_a == pytest.approx(q / 20, rel=1e-3)
+    assert CellModel.from_dict(cell.to_dict()).ocv_test_current_a == cell.ocv_test_current_a
 
 
 def test_report_gives_the_fit_rmse_of_every_file(identified: Identification) -> None:
