@@ -265,9 +265,8 @@ class CellModel:
             return out
         r_lo = np.maximum(self.ocv_half_gap(temperature_c) / it, r0_table) + (r0 - r0_table)
         a = np.abs(i)
-        mag = np.minimum(a * r_lo, it * r_lo + (a - it) * r0)
-        out = np.sign(i) * mag
-        return out
+        drop: FloatArray = np.sign(i) * np.minimum(a * r_lo, it * r_lo + (a - it) * r0)
+        return drop
 
     # -- lookup ---------------------------------------------------------------------
     @cached_property

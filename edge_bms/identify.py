@@ -1117,8 +1117,8 @@ def run_identification(
     # the gap over the current is then no single resistance scale)
     currents = [ocv_tests[t].current_a for t in known]
     test_current = (
-        float(np.median(currents))
-        if currents and max(currents) <= 1.1 * min(currents)
+        round(float(np.median(currents)), 5)
+        if half_gap is not None and currents and max(currents) <= 1.1 * min(currents)
         else None
     )
     cell = CellModel(
@@ -1130,7 +1130,7 @@ def run_identification(
         lim,
         source,
         ocv_half_gap_v=half_gap,
-        ocv_test_current_a=None if half_gap is None or test_current is None else round(test_current, 5),
+        ocv_test_current_a=test_current,
     )
     try:  # the file format's own checks, so what we return can be saved and loaded
         CellModel.from_dict(cell.to_dict())

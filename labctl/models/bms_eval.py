@@ -147,17 +147,16 @@ def run_cells(
 
 def ocv_initial_soc(cell: CellModel, p: Profile) -> float:
     """The SOC the estimator reads off the profile's first voltage when it is given none
-    (OCV of the voltage corrected by ``i * R0``, as ``PackEstimator`` does), for coulomb
-    counting from the same start. 0.5 if the first usable row has no voltage."""
+    (its OCV start, whatever drop model it uses), for coulomb counting from the same
+    start. 0.5 if the first usable row has no voltage."""
     ok = usable_rows(p)
     v0 = float(p.voltage_v[ok][0])
     if not np.isfinite(v0):
         return 0.5
-    i0 = float(p.current_a[ok][0])
-    t0 = float(p.temperature_c[ok][0])
-    soc_v = cell.soc_from_ocv(v0, t0)
-    r0 = cell.lookup(soc_v, t0).r0
-    return float(np.asarray(cell.soc_from_ocv(v0 + i0 * r0, t0)).reshape(-1)[0])
+    first = PackEstimator(cell, 1).step(
+        float(p.time_s[ok][0]), float(p.current_a[ok][0]), v0, float(p.temperature_c[ok][0])
+    )
+    return float(first.soc[0])
 
 
 WRONG_BY = 0.30  # the initial-SOC error of the convergence runs
