@@ -86,10 +86,8 @@ START_OCV_GAP = 0.0
 # small-current resistance below its pseudo-OCV test current, R0 above; i * R0 for a
 # file without it). The training profiles chose "two_slope" by decision 0022's rule:
 # their cold starts at rest under a 0.11 A auxiliary load read 4-7 points low with "r0".
+# Either way the start's voltage sigma is 5 mV plus half the drop corrected for.
 START_DROP: StartDrop = "two_slope"
-# The OCV start's voltage sigma is 5 mV plus half of the drop it corrected for: of the
-# whole modelled drop (True, chosen with START_DROP by decision 0022) or of i * R0 only.
-START_SIGMA_FROM_DROP = True
 
 
 # -- hooks ---------------------------------------------------------------------------------
@@ -663,22 +661,22 @@ class PackEstimator:
     def _ocv_reading(
         self, i: FloatArray, v: FloatArray, temp: FloatArray, known: BoolArray
     ) -> tuple[FloatArray, FloatArray]:
-        """SOC read off the voltage as an OCV (corrected by the table's ohmic drop) and its
-        sigma: ``OCV_PRIOR_SIGMA_V`` plus half the ohmic drop (the RC polarisation is not
-        known) over the OCV slope there, within ``OCV_PRIOR_SIGMA_RANGE``. Unknown cells:
-        placeholders (the caller masks them)."""
+        """SOC read off the voltage as an OCV, corrected for the drop of the current
+        flowing (``start_drop``: the cell's two-slope small-current drop, or i R0), and
+        its sigma: ``OCV_PRIOR_SIGMA_V`` plus half that drop (the RC polarisation and the
+        drop's model are not known better) over the OCV slope there, within
+        ``OCV_PRIOR_SIGMA_RANGE``; plus ``start_ocv_gap`` half gaps when set (which then
+        counts the gap twice in a small-current start). Unknown cells: placeholders (the
+        caller masks them)."""
         v_known = np.where(known, v, self.model.ocv(UNKNOWN_SOC, temp))
-        # OCV ~ v + i R0: the ohmic drop is known from the table, the RC part is not
-        # (the prior sigma covers it)
         soc_v = self.model.soc_from_ocv(v_known, temp)
-        r0 = self.model.lookup(soc_v, temp).r0 * self._r0_scale
         if self.start_drop == "two_slope":
             drop = self.model.start_drop(i, soc_v, temp, self._r0_scale)
         else:
-            drop = i * r0
+            drop = i * (self.model.lookup(soc_v, temp).r0 * self._r0_scale)
         soc = self.model.soc_from_ocv(v_known + drop, temp)
         slope = np.abs(self.model.lookup_rows(soc, temp)[6])
-        sigma_v = OCV_PRIOR_SIGMA_V + 0.5 * np.abs(drop if START_SIGMA_FROM_DROP else i * r0)
+        sigma_v = OCV_PRIOR_SIGMA_V + 0.5 * np.abs(drop)
         if self.start_ocv_gap:  # the OCV table is this uncertain at this temperature
             sigma_v = sigma_v + self.start_ocv_gap * self.model.ocv_half_gap(temp)
         sigma = np.clip(sigma_v / np.maximum(slope, 1e-9), *OCV_PRIOR_SIGMA_RANGE)

@@ -513,7 +513,7 @@ class OcvTest:
     q_full: float  # the coulomb count at the start of the discharge (full)
     rest_q: FloatArray  # rested points (Ah since full, V): the rest before the discharge
     rest_v: FloatArray
-    current_a: float  # the test's current: median |i| over the settled branches
+    current_a: float  # the test's current (see _branch_current; NaN: the branches differ)
 
 
 def _rest_threshold(i: FloatArray) -> float:
@@ -578,8 +578,21 @@ def _ocv_test(s: Series) -> OcvTest:
         q_full,
         rest_q,
         rest_v,
-        float(np.median(np.abs(np.concatenate([s.i[ds], s.i[cs]])))),
+        _branch_current(s.i[ds], s.i[cs]),
     )
+
+
+def _branch_current(dis: FloatArray, chg: FloatArray) -> float:
+    """The current a half gap belongs to: the mean of the branches' median |i| (the gap
+    is (I_d R + I_c R) / 2), or the discharge's alone; NaN when they differ by more than
+    10 % (no single current then)."""
+    i_d = float(np.median(np.abs(dis))) if dis.size else float("nan")
+    if not chg.size:
+        return i_d
+    i_c = float(np.median(np.abs(chg)))
+    if not max(i_d, i_c) <= 1.1 * min(i_d, i_c):
+        return float("nan")
+    return 0.5 * (i_d + i_c)
 
 
 def _ocv_rows(
@@ -1117,8 +1130,11 @@ def run_identification(
     # the gap over the current is then no single resistance scale)
     currents = [ocv_tests[t].current_a for t in known]
     test_current = (
-        round(float(np.median(currents)), 5)
-        if half_gap is not None and currents and max(currents) <= 1.1 * min(currents)
+        float(f"{np.median(currents):.6g}")
+        if half_gap is not None
+        and currents
+        and all(math.isfinite(c) for c in currents)
+        and max(currents) <= 1.1 * min(currents)
         else None
     )
     cell = CellModel(

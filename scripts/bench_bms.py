@@ -75,7 +75,7 @@ import numpy.typing as npt
 
 from edge_bms.cell import CellModel, Limits, load_cell
 from edge_bms.correction import VoltageCorrectionNet, try_load_correction
-from edge_bms.estimator import CorrectionInputs, PackEstimator
+from edge_bms.estimator import START_DROP, CorrectionInputs, PackEstimator
 from edge_bms.filters import EkfSettings, FilterNoise, FilterState, ekf_step
 from edge_bms.soh import SohEstimator
 from edge_bms.sop import NO_DERATING, power_limits
@@ -380,6 +380,7 @@ class Truth:
     kinds: list[FilterKind]
     converge_s: float
     band: float
+    options: dict[str, Any] = field(default_factory=dict)  # PackEstimator keyword options
     runs: dict[tuple[FilterKind, str, bool], dict[str, list[Trace]]] = field(default_factory=dict)
     soh: dict[tuple[FilterKind, str], SohEstimator] = field(default_factory=dict)
     run_seconds: dict[str, float] = field(default_factory=dict)
@@ -431,6 +432,7 @@ class Truth:
                 noise=self.noise(kind),
                 health=health,
                 record=init == "ocv",
+                options=self.options,
             )
             if health is not None:
                 self.soh[(kind, p.name)] = health
@@ -494,6 +496,7 @@ def load_truth(args: argparse.Namespace) -> Truth:
         kinds,
         args.converge_s,
         args.band,
+        {} if args.start_drop is None else {"start_drop": args.start_drop},
     )
     return _TRUTH
 
@@ -609,7 +612,7 @@ def _coulomb(tr: Truth, start: str) -> dict[str, list[Trace]]:
         if start == "true":
             out[p.name] = [coulomb_count(p, q)]
         elif start == "ocv":
-            out[p.name] = [coulomb_count(p, q, ocv_initial_soc(tr.cell, p))]
+            out[p.name] = [coulomb_count(p, q, ocv_initial_soc(tr.cell, p, tr.options))]
         else:
             out[p.name] = [coulomb_count(p, q, s) for s in wrong_starts(p)[1]]
     return out
@@ -628,7 +631,8 @@ def section_accuracy(args: argparse.Namespace) -> None:
     print(
         f"plain filter voltage noise {1e3 * tr.plain_noise_v:.1f} mV ({tr.plain_noise_note}); "
         f"errors in SOC points after {tr.converge_s:g} s; coulomb counting with the model's "
-        f"{tr.cell.capacity_ah:.3f} Ah"
+        f"{tr.cell.capacity_ah:.3f} Ah; OCV start: "
+        f"{tr.options.get('start_drop', 'the estimator default, ' + START_DROP)}"
     )
     columns: dict[str, dict[str, list[Trace]]] = {
         "CC true0": _coulomb(tr, "true"),
@@ -1105,6 +1109,13 @@ def main() -> None:
         help="only the held-out profiles matching these patterns (a quicker subset)",
     )
     parser.add_argument("--methods", nargs="+", choices=("ekf", "ukf"), default=["ekf", "ukf"])
+    parser.add_argument(
+        "--start-drop",
+        choices=("r0", "two_slope"),
+        default=None,
+        help="the OCV start's drop model (default: the estimator's, decision 0022); "
+        "r0 is the start before it",
+    )
     parser.add_argument("--converge-s", type=float, default=120.0)
     parser.add_argument("--band", type=float, default=0.02)
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")

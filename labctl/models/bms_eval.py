@@ -145,15 +145,15 @@ def run_cells(
     return out
 
 
-def ocv_initial_soc(cell: CellModel, p: Profile) -> float:
-    """The SOC the estimator reads off the profile's first voltage when it is given none
-    (its OCV start, whatever drop model it uses), for coulomb counting from the same
-    start. 0.5 if the first usable row has no voltage."""
+def ocv_initial_soc(cell: CellModel, p: Profile, options: dict[str, Any] | None = None) -> float:
+    """The SOC the estimator (``PackEstimator`` with ``options``) reads off the profile's
+    first voltage when it is given none, for coulomb counting from the same start. 0.5 if
+    the first usable row has no voltage."""
     ok = usable_rows(p)
     v0 = float(p.voltage_v[ok][0])
     if not np.isfinite(v0):
         return 0.5
-    first = PackEstimator(cell, 1).step(
+    first = PackEstimator(cell, 1, **(options or {})).step(
         float(p.time_s[ok][0]), float(p.current_a[ok][0]), v0, float(p.temperature_c[ok][0])
     )
     return float(first.soc[0])

@@ -3,13 +3,13 @@ every figure can be worked out by hand, and the batched runner it relies on."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
 from edge_bms.cell import CellModel
-from edge_bms.estimator import PackEstimator
 from edge_bms.soh import SohEstimator
 from labctl.models.bms_correction import Profile
 from labctl.models.bms_eval import (
@@ -116,10 +116,17 @@ def test_run_cells_matches_one_cell_runs_and_the_ocv_start(cell: CellModel) -> N
         np.testing.assert_allclose(tr.soc_sigma, one.soc_sigma, rtol=0, atol=1e-12)
     assert set(both[0].extras) == {"v1", "v2", "capacity_ah", "r0_scale", "temperature_c"}
     assert np.all(both[0].extras["capacity_ah"] == cell.capacity_ah)
-    # the coulomb count's OCV start is the SOC the estimator reads off the first sample
-    est = PackEstimator(cell, 1)
-    first = est.step(0.0, p.current_a[0], p.voltage_v[:1], p.temperature_c[0])
-    assert ocv_initial_soc(cell, p) == pytest.approx(float(first.soc[0]), abs=1e-12)
+    # the coulomb count's OCV start is the OCV of the first voltage plus the estimator's
+    # start drop (here a cell with a small-current resistance), or i R0 when asked
+    gaps = np.full(cell.temperature_c.size, 0.04)
+    m = dataclasses.replace(cell, ocv_half_gap_v=gaps, ocv_test_current_a=0.25)
+    i0, v0, t0 = float(p.current_a[0]), float(p.voltage_v[0]), float(p.temperature_c[0])
+    for opts, drop in (
+        (None, lambda s: m.start_drop(i0, s, t0)),
+        ({"start_drop": "r0"}, lambda s: i0 * m.lookup(s, t0).r0),
+    ):
+        want = float(m.soc_from_ocv(v0 + drop(float(m.soc_from_ocv(v0, t0))), t0))
+        assert ocv_initial_soc(m, p, opts) == pytest.approx(want, abs=1e-12)
     assert abs(ocv_initial_soc(cell, p) - 0.7) < 0.05
 
 

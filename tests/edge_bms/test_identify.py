@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from edge_bms.identify import (
     DEFAULT_SOC_GRID,
     LG_M50_LIMITS,
     Identification,
+    _branch_current,
     evaluate,
     linear_scan,
     rc_basis,
@@ -300,3 +302,13 @@ def test_shipped_lg_m50_model_loads_with_datasheet_limits() -> None:
     gaps = [cell.source["ocv"][f"{t:g}"]["half_gap_mv_median"] * 1e-3 for t in cell.temperature_c]
     np.testing.assert_allclose(cell.ocv_half_gap_v, gaps, atol=1e-6)
     assert cell.ocv_half_gap(-10.0) > 2 * cell.ocv_half_gap(25.0) > 0
+
+
+def test_the_gaps_current_is_the_mean_of_the_branch_currents() -> None:
+    """The half gap is (I_d R + I_c R) / 2: its current is the branches' mean; a test
+    whose branches differ by more than 10 % has no single current (NaN, and identify
+    then writes no ocv_test_current_a)."""
+    assert _branch_current(np.full(50, 0.25), np.full(9, -0.25)) == pytest.approx(0.25)
+    assert _branch_current(np.full(50, 0.25), np.full(9, -0.26)) == pytest.approx(0.255)
+    assert _branch_current(np.full(50, 0.25), np.zeros(0)) == pytest.approx(0.25)
+    assert math.isnan(_branch_current(np.full(50, 0.25), np.full(9, -0.5)))

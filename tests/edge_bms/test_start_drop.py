@@ -93,10 +93,11 @@ def test_cell_file_field_round_trip_and_checks(cell: CellModel) -> None:
     back = CellModel.from_dict(m.to_dict())
     assert back.ocv_test_current_a == I_TEST
     assert back.with_capacity(4.0).ocv_test_current_a == I_TEST
-    bad = m.to_dict()
-    bad["ocv_test_current_a"] = 0.0
-    with pytest.raises(CellModelError, match="ocv_test_current_a"):
-        CellModel.from_dict(bad)
+    for value in (0.0, -0.25, float("inf"), float("nan"), 1e300):
+        bad = m.to_dict()
+        bad["ocv_test_current_a"] = value
+        with pytest.raises(CellModelError, match=r"ocv_test_current_a must be a current in \(0"):
+            CellModel.from_dict(bad)
     orphan = cell.to_dict()
     orphan["ocv_test_current_a"] = 0.25
     with pytest.raises(CellModelError, match="ocv_test_current_a needs ocv_half_gap_v"):
@@ -145,3 +146,43 @@ def test_estimator_start_drop_option_checked_and_kept(cell: CellModel) -> None:
     old = dict(saved)
     del old["start_drop"]  # a checkpoint from before the option: the old start
     assert PackEstimator.from_state_dict(cell, old).start_drop == "r0"
+
+
+def test_ukf_and_per_cell_starts_use_the_same_drop(cell: CellModel) -> None:
+    """Per-cell currents, temperatures and SOCs: each cell reads its own SOC back, with
+    the EKF and the UKF (they share the start)."""
+    m = _with_gap(cell)
+    soc = np.array([0.3, 0.5, 0.7, 0.9])
+    i = np.array([0.05, -0.2, 0.12, 3.0])
+    temp = np.array([-5.0, 0.0, 10.0, 25.0])
+    v = m.ocv(soc, temp) - m.start_drop(i, soc, temp)
+    # (the drop is looked up at the SOC of the raw voltage: 0.06 points off at 3 A)
+    for method in ("ekf", "ukf"):
+        e = PackEstimator(m, 4, method=method).step(0.0, i, v, temp)
+        np.testing.assert_allclose(e.soc, soc, atol=1e-3)
+
+
+def test_a_given_soc_is_fused_with_the_small_current_reading(cell: CellModel) -> None:
+    """A given SOC (sigma 0.3) lands at the two-slope reading, not at the i R0 one."""
+    m = _with_gap(cell)
+    soc, i, temp = 0.6, 0.12, 0.0
+    v = m.ocv(np.full(4, soc), temp) - m.start_drop(i, soc, temp)
+    e = PackEstimator(m, 4, initial_soc=0.3).step(0.0, i, v, temp)
+    reading = PackEstimator(m, 4).step(0.0, i, v, temp)
+    var_p, var_o = 0.3**2, reading.soc_sigma**2
+    want = 0.3 + var_p / (var_p + var_o) * (reading.soc - 0.3)
+    np.testing.assert_allclose(e.soc, want, rtol=1e-9)
+    assert np.all(np.abs(e.soc - soc) < 0.005)
+
+
+def test_an_aged_cells_start_adds_its_series_resistance(cell: CellModel) -> None:
+    """With the R0 scale set (a restored SOH), the start reads a cell whose drop carries
+    (scale - 1) R0 more."""
+    m = _with_gap(cell)
+    soc, i, temp = np.full(4, 0.5), 0.15, 5.0
+    v = m.ocv(soc, temp) - m.start_drop(i, soc, temp, r0_scale=1.8)
+    est = PackEstimator(m, 4)
+    est.set_scales(np.full(4, m.capacity_ah), np.full(4, 1.8))
+    np.testing.assert_allclose(est.step(0.0, i, v, temp).soc, soc, atol=1e-4)
+    fresh = PackEstimator(m, 4).step(0.0, i, v, temp)
+    assert np.all(fresh.soc < soc - 1e-3)  # read low without the ageing
