@@ -70,11 +70,14 @@ RC_PRIOR_SIGMA_V = 0.01
 HEALTH_CAPACITY_MAX = 1.0  # x the model's capacity
 HEALTH_R0_SCALE_MIN = 1.0
 # Relative uncertainty of the R0 the filter uses (table error, ageing the SOH has not
-# caught), carried as a consider parameter when ``PackEstimator(r0_sigma_rel=...)`` is
-# given. 0.1 is what the training profiles chose with SOH on (decision 0021); it is not
-# the default because on a fresh held-out draw it did not fix the misses it was for and
-# made the filter without SOH much worse (EKF + network SOC RMSE 0.83 -> 1.42 %).
-R0_SIGMA_REL = 0.1
+# caught), carried as a consider parameter (decision 0021). Decision 0023's rule chose
+# 0.2 on the training profiles with SOH on (misses 5 -> 3, RMSE 0.661 -> 0.464 %), for
+# estimators with a health hook only: without SOH it took the voltage's gain away from
+# an aged cell's capacity error (EKF + network RMSE 0.965 -> 1.41 % on training data).
+R0_SIGMA_REL = 0.2
+# ``PackEstimator``'s default for ``r0_sigma_rel``: "with_health" is ``R0_SIGMA_REL``
+# when the estimator has a health hook and off without one (decision 0023).
+R0_SIGMA_DEFAULT: float | Literal["with_health"] | None = "with_health"
 # The OCV start's sigma includes this many times the cell's half pseudo-OCV gap
 # (``CellModel.ocv_half_gap``: hysteresis plus the OCV test's polarisation, so how
 # uncertain the OCV table is there): 43 mV at -10 C for lg-m50, against the 5 mV
@@ -290,8 +293,11 @@ class PackEstimator:
     ``r0_sigma_rel``: the relative uncertainty of the R0 the filter uses (table error
     and ageing), carried as a consider parameter of the measurement (``ekf_step``'s
     ``r0_sigma_rel``), so a start under load reads less of an R0 misfit as SOC
-    (``R0_SIGMA_REL`` is the value the training profiles chose); None (default): R0
-    taken as exact, see decision 0021.
+    (``R0_SIGMA_REL`` is the value the training profiles chose); None: R0 taken as
+    exact, see decision 0021; "with_health": ``R0_SIGMA_REL`` when ``health`` is given,
+    None otherwise (resolved here, once: the term models the R0 error an online SOH
+    leaves, and without SOH it takes away the voltage's gain that an aged cell's
+    capacity error needs, decision 0023). The default is ``R0_SIGMA_DEFAULT``.
     ``start_ocv_gap``: the OCV start's sigma adds this many times the cell file's half
     pseudo-OCV gap at the temperature (``START_OCV_GAP``; 0: not at all).
     ``capacity_consider``: when the fed-back capacity comes with a sigma (the health
@@ -318,7 +324,7 @@ class PackEstimator:
         safety: SafetyCheck | None = None,
         health_feedback: HealthFeedback = "all",
         capacity_consider: bool = True,
-        r0_sigma_rel: float | None = None,
+        r0_sigma_rel: float | Literal["with_health"] | None = R0_SIGMA_DEFAULT,
         start_ocv_gap: float = START_OCV_GAP,
         start_drop: StartDrop = START_DROP,
     ) -> None:
@@ -361,8 +367,17 @@ class PackEstimator:
         self._last_innovation = np.zeros(n)
         self._last_v_pred = np.zeros(n)
         self.capacity_consider = bool(capacity_consider)
-        if r0_sigma_rel is not None and not (math.isfinite(r0_sigma_rel) and r0_sigma_rel >= 0):
-            raise InputError(f"r0_sigma_rel must be a number >= 0, got {r0_sigma_rel!r}")
+        if r0_sigma_rel == "with_health":
+            r0_sigma_rel = R0_SIGMA_REL if health is not None else None
+        if r0_sigma_rel is not None and not (
+            isinstance(r0_sigma_rel, float | int)
+            and not isinstance(r0_sigma_rel, bool)
+            and math.isfinite(r0_sigma_rel)
+            and r0_sigma_rel >= 0
+        ):
+            raise InputError(
+                f"r0_sigma_rel must be a number >= 0, 'with_health' or None, got {r0_sigma_rel!r}"
+            )
         self.r0_sigma_rel = None if r0_sigma_rel is None else float(r0_sigma_rel)
         if not (math.isfinite(start_ocv_gap) and start_ocv_gap >= 0):
             raise InputError(f"start_ocv_gap must be a number >= 0, got {start_ocv_gap!r}")

@@ -106,3 +106,20 @@ def test_pack_estimator_carries_it_on_request_and_through_a_checkpoint(cell: Cel
     assert again.r0_sigma_rel is None and again.state is not None and again.state.cr is None
     with pytest.raises(InputError, match="r0_sigma_rel"):
         PackEstimator(cell, 2, r0_sigma_rel=-0.1)
+
+
+def test_with_health_turns_the_term_on_only_with_a_health_hook(cell: CellModel) -> None:
+    """ "with_health": R0_SIGMA_REL when the estimator has a health hook (an online SOH
+    leaves an R0 error of that order), off without one (decision 0023); a checkpoint
+    keeps the resolved value."""
+    from edge_bms.estimator import R0_SIGMA_REL, PackEstimator
+    from edge_bms.soh import SohEstimator
+
+    soh = SohEstimator(2, cell.capacity_ah, cell=cell)
+    on = PackEstimator(cell, 2, health=soh, r0_sigma_rel="with_health")
+    assert on.r0_sigma_rel == R0_SIGMA_REL
+    assert PackEstimator(cell, 2, r0_sigma_rel="with_health").r0_sigma_rel is None
+    assert PackEstimator.from_state_dict(cell, on.state_dict()).r0_sigma_rel == R0_SIGMA_REL
+    for bad in ("always", True, float("nan")):
+        with pytest.raises(InputError, match="r0_sigma_rel must be a number >= 0, 'with_health'"):
+            PackEstimator(cell, 2, r0_sigma_rel=bad)  # type: ignore[arg-type]
