@@ -10,7 +10,8 @@ profiles; held-out data is for the test afterwards.
 
     .venv/bin/python scripts/score_bms_training.py [--option start_drop=r0] [--json F]
 
-One run is ~20 min on one core of the 2-core CI machine; run two options side by side
+One run takes 2-20 min on one core of the 2-core CI machine (the other core's load matters);
+run two options side by side
 with ``taskset -c 0`` / ``-c 1``.
 """
 
