@@ -370,7 +370,7 @@ class PackEstimator:
         if r0_sigma_rel == "with_health":
             r0_sigma_rel = R0_SIGMA_REL if health is not None else None
         if r0_sigma_rel is not None and not (
-            isinstance(r0_sigma_rel, float | int)
+            isinstance(r0_sigma_rel, float | int | np.floating | np.integer)
             and not isinstance(r0_sigma_rel, bool)
             and math.isfinite(r0_sigma_rel)
             and r0_sigma_rel >= 0

@@ -120,6 +120,7 @@ def test_with_health_turns_the_term_on_only_with_a_health_hook(cell: CellModel) 
     assert on.r0_sigma_rel == R0_SIGMA_REL
     assert PackEstimator(cell, 2, r0_sigma_rel="with_health").r0_sigma_rel is None
     assert PackEstimator.from_state_dict(cell, on.state_dict()).r0_sigma_rel == R0_SIGMA_REL
+    assert PackEstimator(cell, 2, r0_sigma_rel=np.float32(0.25)).r0_sigma_rel == 0.25
     for bad in ("always", True, float("nan")):
         with pytest.raises(InputError, match="r0_sigma_rel must be a number >= 0, 'with_health'"):
             PackEstimator(cell, 2, r0_sigma_rel=bad)  # type: ignore[arg-type]
