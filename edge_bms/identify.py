@@ -1131,8 +1131,7 @@ def run_identification(
     currents = [ocv_tests[t].current_a for t in known]
     test_current = (
         float(f"{np.median(currents):.6g}")
-        if half_gap is not None
-        and currents
+        if currents  # one per temperature with a gap: none when half_gap is None
         and all(math.isfinite(c) for c in currents)
         and max(currents) <= 1.1 * min(currents)
         else None

@@ -85,11 +85,11 @@ from labctl.models.bms_eval import (
     WRONG_MIN,
     Method,
     Trace,
-    converge_time,
     coulomb_count,
     ocv_initial_soc,
     run_cells,
     soc_metrics,
+    wrong_start_times,
     wrong_starts,
 )
 
@@ -557,12 +557,7 @@ def _wrong_start_stats(
     for p in tr.profiles:
         if fresh_only and tr.aged(p.name):
             continue
-        s0, starts = wrong_starts(p)
-        times += [
-            converge_time(t, tr.band)
-            for t, start in zip(runs[p.name], starts, strict=True)
-            if abs(start - s0) >= WRONG_MIN
-        ]
+        times += wrong_start_times(p, runs[p.name], tr.band)
     if not times:
         return {"runs": 0.0, "median_s": math.nan, "worst_s": math.nan}
     return {

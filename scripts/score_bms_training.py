@@ -30,7 +30,7 @@ from edge_bms.errors import InputError
 from edge_bms.estimator import PackEstimator
 from edge_bms.soh import SohEstimator
 from labctl.models.bms_correction import load_split
-from labctl.models.bms_eval import WRONG_MIN, converge_time, run_cells, soc_metrics, wrong_starts
+from labctl.models.bms_eval import run_cells, soc_metrics, wrong_start_times, wrong_starts
 
 MAX_TARGET = 0.03
 CONVERGE_TARGET_S = 120.0
@@ -71,30 +71,28 @@ def main(argv: list[str] | None = None) -> int:
     profiles = load_split(Path(args.data), "train")
     print(f"{len(profiles)} training profiles from {args.data}; options {opts or 'none'}")
     with_soh, without, rows = [], [], {}
+
+    def soh(n: int) -> SohEstimator:  # a fresh online SOH per run, as the benchmark's
+        return SohEstimator(n, cell.capacity_ah, cell=cell)
+
     t0 = time.perf_counter()
     for k, p in enumerate(profiles, 1):
-        s0, starts = wrong_starts(p)
-
-        def soh(n: int) -> SohEstimator:
-            return SohEstimator(n, cell.capacity_ah, cell=cell)
-
+        starts = wrong_starts(p)[1]
         ocv = run_cells(cell, p, 1, correction=net, health=soh(1), options=opts)[0]
         wrong = run_cells(
             cell, p, 2, correction=net, initial_soc=starts, health=soh(2), options=opts
         )
-        plain_soh = run_cells(cell, p, 1, correction=net, options=opts)[0]
+        no_soh = run_cells(cell, p, 1, correction=net, options=opts)[0]
         with_soh.append(ocv)
-        without.append(plain_soh)
+        without.append(no_soh)
         m = soc_metrics([ocv])
-        conv = [
-            converge_time(t) for t, s in zip(wrong, starts, strict=True) if abs(s - s0) >= WRONG_MIN
-        ]
+        conv = wrong_start_times(p, wrong)
         row = {
             "e0": float(ocv.error[0]),
             "max": m["max_abs"],
             "conv": max(conv) if conv else 0.0,
             "rmse": m["rmse"],
-            "rmse_without_soh": soc_metrics([plain_soh])["rmse"],
+            "rmse_without_soh": soc_metrics([no_soh])["rmse"],
         }
         rows[p.name] = row
         print(

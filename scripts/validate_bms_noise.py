@@ -46,7 +46,7 @@ from labctl.models.bms_correction import (
     load_split,
     train_correction,
 )
-from labctl.models.bms_eval import WRONG_MIN, converge_time, run_cells, wrong_starts
+from labctl.models.bms_eval import converge_time, run_cells, wrong_start_times, wrong_starts
 from labctl.models.registry import sha256_bytes
 
 TIE = 2e-4  # pooled RMSE within this counts as tied (0.02 SOC points)
@@ -115,19 +115,16 @@ def main() -> None:
                 after = tr.time_s - tr.time_s[0] >= 120.0
                 errs.append(tr.error[after])
                 if args.wrong_start:  # counted as the benchmark counts them
-                    s0, starts = wrong_starts(p)
                     runs = run_cells(
                         cell,
                         p,
                         2,
                         correction=nets[k],
-                        initial_soc=starts,
+                        initial_soc=wrong_starts(p)[1],
                         health=SohEstimator(2, cell.capacity_ah, cell=cell),
                         noise=noise,
                     )
-                    for w, start in zip(runs, starts, strict=True):
-                        if abs(start - s0) >= WRONG_MIN:
-                            worst_conv = max(worst_conv, converge_time(w, 0.02))
+                    worst_conv = max([worst_conv, *wrong_start_times(p, runs, 0.02)])
                 else:
                     worst_conv = max(worst_conv, converge_time(tr, 0.02))
             e = np.concatenate(errs)

@@ -173,6 +173,18 @@ def wrong_starts(p: Profile) -> tuple[float, list[float]]:
     return s0, [max(s0 - WRONG_BY, 0.0), min(s0 + WRONG_BY, 1.0)]
 
 
+def wrong_start_times(p: Profile, traces: Sequence[Trace], band: float = 0.02) -> list[float]:
+    """:func:`converge_time` of the runs from :func:`wrong_starts` (``traces`` in that
+    order) whose clipped start is at least ``WRONG_MIN`` off: what the convergence target
+    counts."""
+    s0, starts = wrong_starts(p)
+    return [
+        converge_time(t, band)
+        for t, start in zip(traces, starts, strict=True)
+        if abs(start - s0) >= WRONG_MIN
+    ]
+
+
 def coulomb_count(p: Profile, capacity_ah: float, initial_soc: float | None = None) -> Trace:
     """The peer every BMS is compared with: integrate measured current from a start SOC."""
     if p.soc_true is None:

@@ -20,6 +20,8 @@ from labctl.models.bms_eval import (
     run_cells,
     run_filter,
     soc_metrics,
+    wrong_start_times,
+    wrong_starts,
 )
 
 from .conftest import pulse_profile, simulate
@@ -46,6 +48,19 @@ def test_converge_time_is_the_first_sample_after_the_last_one_outside_the_band()
     assert converge_time(trace([0.01, -0.019, 0.0]), 0.02) == 0.0  # never outside
     assert converge_time(trace([0.0, 0.0, 0.05]), 0.02) == math.inf  # ends outside
     assert converge_time(tr, 0.5) == 0.0
+
+
+def test_wrong_start_times_count_only_starts_left_far_enough_off() -> None:
+    """From true 0.95 the +30 start clips to 1.0 (5 points off): not counted; the -30
+    run is, with its converge_time."""
+    n = 8
+    p = Profile("p", np.arange(n, dtype=float), np.ones(n), np.full(n, 3.7), np.full(n, 25.0),
+                soc_true=np.linspace(0.95, 0.94, n))  # fmt: skip
+    assert wrong_starts(p) == (0.95, [pytest.approx(0.65), 1.0])
+    low = trace([0.3, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    high = trace([0.05] * n)  # never converges, but is not counted
+    assert wrong_start_times(p, [low, high]) == [2.0]
+    assert wrong_start_times(p, [low, high], band=0.5) == [0.0]
 
 
 def test_soc_metrics_errors_after_convergence_and_times_over_traces() -> None:
